@@ -1,0 +1,54 @@
+# Shared helpers for the setup, demo, test and benchmark scripts. Source it; do not run it.
+# Everything here is idempotent and quick when the work is already done.
+
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${HEPAFLOW_VENV:-$ROOT/.venv}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+log() { printf '[hepaflow] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# apt_install PKG...: installs the Debian packages that are missing.
+apt_install() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+# system_deps: what the build and the tests need from Debian.
+system_deps() {
+  apt_install ca-certificates python3 python3-venv python3-pip pkg-config
+}
+
+# python_env NAME REQUIREMENTS_FILE: a venv under $VENV (NAME "" = the main one) with the
+# pinned requirements; reinstalled only when the requirements file changes.
+python_env() {
+  local dir="$1" req="$2"
+  local stamp="$dir/.requirements.sha256"
+  local want
+  want="$(sha256sum "$req" | cut -d' ' -f1)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$dir/bin/python" ]; then
+    return 0
+  fi
+  log "creating Python environment $(basename "$dir") from $(basename "$req")"
+  if [ ! -x "$dir/bin/python" ]; then
+    python3 -m venv "$dir" || { apt_install python3-venv; rm -rf "$dir"; python3 -m venv "$dir"; }
+  fi
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check -r "$req"
+  echo "$want" >"$stamp"
+}
+
+# build: release build of the binary.
+build() {
+  (cd "$ROOT" && cargo build --release --locked -q)
+}

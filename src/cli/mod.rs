@@ -1,0 +1,106 @@
+//! The command-line interface (the composition root). See `../shared/design/CLI.md`.
+//!
+//! Exit codes: 0 success · 2 usage error · 3 bad input file · 1 any other failure.
+//! Machine-readable output goes to stdout (`--json`); logs and progress go to stderr.
+
+mod imaging;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+
+/// hepaflow: liver-tumour reports from abdominal CT.
+#[derive(Debug, Parser)]
+#[command(name = "hepaflow", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read a NIfTI file and print its format, geometry, datatype, scaling and value statistics.
+    Inspect(imaging::InspectArgs),
+    /// Write synthetic abdominal CT studies with ground truth in LiTS layout.
+    Phantom(imaging::PhantomArgs),
+}
+
+/// How a command failed: decides the exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// A bad input file (exit code 3); the message names the file and the reason.
+    BadInput(anyhow::Error),
+    /// Anything else (exit code 1).
+    Other(anyhow::Error),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::BadInput(_) => 3,
+            Failure::Other(_) => 1,
+        }
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Other(e.into())
+    }
+}
+
+/// Result of a command.
+pub type CmdResult = Result<(), Failure>;
+
+/// Parses the command line, runs the command and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli, &settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            let code = f.exit_code();
+            let (Failure::BadInput(e) | Failure::Other(e)) = f;
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Runs one parsed command.
+pub fn run(cli: Cli, settings: &Settings) -> CmdResult {
+    match cli.command {
+        Command::Inspect(a) => imaging::inspect(a, settings),
+        Command::Phantom(a) => imaging::phantom(a),
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("HEPAFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

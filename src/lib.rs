@@ -1,0 +1,15 @@
+//! hepaflow: liver-tumour reports from abdominal CT.
+//!
+//! # Layout
+//! Dependencies point one way: faces (`cli`) → services → the pure imaging core.
+//!
+//! - [`volume`]: CT volumes and label masks with their geometry, NIfTI reading (validated,
+//!   bounded) and writing, and synthetic CT phantoms.
+//! - [`config`]: settings from the environment, with embedded defaults.
+//! - [`cli`]: the command-line interface; the composition root.
+//! - [`fsutil`]: atomic file writes.
+
+pub mod cli;
+pub mod config;
+pub mod fsutil;
+pub mod volume;

@@ -1,0 +1,7 @@
+//! Integration tests: the `hepaflow` binary and library against real files and real tools.
+
+mod support;
+
+mod hostile;
+mod nifti_io;
+mod phantom;
