@@ -111,7 +111,8 @@ pub struct PhantomArgs {
     /// Index of the first study (K starts here).
     #[arg(long, default_value_t = 0)]
     pub first: u64,
-    /// Also write `preview-K.png`: the slice with the largest liver area, with contours.
+    /// Also write `preview-K.png`: the slice with the largest tumour (else liver) area, with
+    /// the ground-truth contours.
     #[arg(long)]
     pub preview: bool,
 }
@@ -162,7 +163,7 @@ pub fn phantom(args: PhantomArgs) -> CmdResult {
         write_ct_i16(&args.out.join(format!("volume-{k}.nii.gz")), &p.ct)?;
         write_labels(&args.out.join(format!("segmentation-{k}.nii.gz")), &p.truth)?;
         if args.preview {
-            let slice = preview::largest_liver_slice(&p.truth);
+            let slice = preview::overview_slice(&p.truth);
             preview::slice_with_contours(&p.ct, Some(&p.truth), slice)
                 .write_png(&args.out.join(format!("preview-{k}.png")))
                 .context("cannot write the preview image")?;

@@ -8,7 +8,7 @@
 //! voxel is read, so neither an absurd header nor a gzip bomb can exhaust memory.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use flate2::bufread::MultiGzDecoder;
@@ -199,14 +199,26 @@ impl NiftiFile {
     /// Reads and validates a `.nii` or `.nii.gz` file (gzip is detected by its magic bytes).
     pub fn open(path: &Path, limits: &ReadLimits) -> Result<Self, NiftiError> {
         let file_name = display_name(path);
+        let f = File::open(path).map_err(|source| NiftiError::Io {
+            file: file_name.clone(),
+            source,
+        })?;
+        Self::from_reader(BufReader::with_capacity(1 << 20, f), &file_name, limits)
+    }
+
+    /// Reads and validates a NIfTI file from any buffered byte stream; `file` names it in
+    /// errors.
+    pub fn from_reader<R: BufRead>(
+        mut reader: R,
+        file: &str,
+        limits: &ReadLimits,
+    ) -> Result<Self, NiftiError> {
+        let file_name = file.to_string();
         let io_err = |source| NiftiError::Io {
             file: file_name.clone(),
             source,
         };
-        let f = File::open(path).map_err(io_err)?;
-        let mut reader = BufReader::with_capacity(1 << 20, f);
         let is_gzip = {
-            use std::io::BufRead;
             let head = reader.fill_buf().map_err(io_err)?;
             head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b
         };

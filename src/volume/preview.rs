@@ -31,17 +31,27 @@ pub fn window(hu: f32, level: f32, width: f32) -> u8 {
     (((hu - (level - width / 2.0)) / width) * 255.0).clamp(0.0, 255.0) as u8
 }
 
-/// The axial slice with the most liver voxels.
-pub fn largest_liver_slice(mask: &LabelVolume) -> usize {
+/// The axial slice with the most voxels of at least `min_label`, and that count.
+pub fn largest_slice(mask: &LabelVolume, min_label: u8) -> (usize, usize) {
     let [nx, ny, nz] = mask.geometry().shape();
     (0..nz)
-        .max_by_key(|&k| {
-            mask.labels()[k * nx * ny..(k + 1) * nx * ny]
+        .map(|k| {
+            let n = mask.labels()[k * nx * ny..(k + 1) * nx * ny]
                 .iter()
-                .filter(|&&l| l >= label::LIVER)
-                .count()
+                .filter(|&&l| l >= min_label)
+                .count();
+            (k, n)
         })
-        .unwrap_or(0)
+        .max_by_key(|&(k, n)| (n, std::cmp::Reverse(k)))
+        .unwrap_or((0, 0))
+}
+
+/// The slice most worth a look: the largest tumour cross-section, else the largest liver one.
+pub fn overview_slice(mask: &LabelVolume) -> usize {
+    match largest_slice(mask, label::TUMOUR) {
+        (k, n) if n > 0 => k,
+        _ => largest_slice(mask, label::LIVER).0,
+    }
 }
 
 /// Slice `k` in a liver window (W 400 / L 50) with liver (green) and tumour (red) contours.
