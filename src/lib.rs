@@ -5,6 +5,8 @@
 //!
 //! - [`volume`]: CT volumes and label masks with their geometry, NIfTI reading (validated,
 //!   bounded) and writing, and synthetic CT phantoms.
+//! - [`lesions`]: connected components, lesion measurements, mask post-processing (pure).
+//! - [`metrics`]: overlap, surface and detection metrics, batch aggregation (pure).
 //! - [`config`]: settings from the environment, with embedded defaults.
 //! - [`cli`]: the command-line interface; the composition root.
 //! - [`fsutil`]: atomic file writes.
@@ -12,4 +14,6 @@
 pub mod cli;
 pub mod config;
 pub mod fsutil;
+pub mod lesions;
+pub mod metrics;
 pub mod volume;

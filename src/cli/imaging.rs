@@ -9,10 +9,12 @@ use serde::Serialize;
 
 use super::{CmdResult, Failure};
 use crate::config::Settings;
+use crate::lesions::{self, LesionReport};
+use crate::metrics::{self, StructureMetrics};
 use crate::volume::nifti::{write_ct_i16, write_labels};
 use crate::volume::phantom::{self, PhantomSpec};
 use crate::volume::preview;
-use crate::volume::{NiftiError, NiftiFile};
+use crate::volume::{CtVolume, LabelVolume, NiftiError, NiftiFile};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -177,6 +179,156 @@ pub fn phantom(args: PhantomArgs) -> CmdResult {
             duration_ms = t.elapsed().as_millis() as u64,
             "phantom written"
         );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct LesionsArgs {
+    /// Label mask (0 background, 1 liver, 2 tumour).
+    #[arg(long)]
+    pub mask: PathBuf,
+    /// The CT the mask belongs to, for mean HU (same grid).
+    #[arg(long)]
+    pub ct: Option<PathBuf>,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Fails with exit code 3 unless `other` lies on `reference`'s grid.
+fn same_grid(
+    reference: &crate::volume::Geometry,
+    other: &crate::volume::Geometry,
+    other_path: &std::path::Path,
+    what: &str,
+) -> CmdResult {
+    if reference.same_grid(other) {
+        return Ok(());
+    }
+    Err(Failure::BadInput(anyhow::anyhow!(
+        "{}: shape {:?} or affine differs from the {what}'s (shape {:?}): not the same voxel grid",
+        other_path.display(),
+        other.shape(),
+        reference.shape()
+    )))
+}
+
+pub fn lesions(args: LesionsArgs, settings: &Settings) -> CmdResult {
+    let limits = &settings.read_limits;
+    let mask = LabelVolume::read(&args.mask, limits).map_err(bad_input)?;
+    let ct = match &args.ct {
+        Some(p) => {
+            let ct = CtVolume::read(p, limits).map_err(bad_input)?;
+            same_grid(mask.geometry(), ct.geometry(), p, "mask")?;
+            Some(ct)
+        }
+        None => None,
+    };
+    let report = lesions::analyze(&mask, ct.as_ref());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_lesions(&report);
+    }
+    Ok(())
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.digits$}"))
+}
+
+fn print_lesions(r: &LesionReport) {
+    println!("liver volume      {:.1} mL", r.liver_ml);
+    println!("tumour volume     {:.2} mL", r.tumour_ml);
+    println!("tumour burden     {} %", opt(r.tumour_burden_pct, 2));
+    println!("lesions           {}", r.lesions.len());
+    if r.lesions.is_empty() {
+        return;
+    }
+    println!(
+        "{:>3} {:>9} {:>10} {:>9} {:>9} {:>8} {:>9}  centroid (mm)",
+        "id", "voxels", "volume mL", "axial mm", "max mm", "mean HU", "slices"
+    );
+    for l in &r.lesions {
+        println!(
+            "{:>3} {:>9} {:>10.3} {:>9.1} {:>9.1} {:>8} {:>4}-{:<4}  ({:.1}, {:.1}, {:.1})",
+            l.id,
+            l.voxels,
+            l.volume_ml,
+            l.longest_axial_diameter_mm,
+            l.max_diameter_mm,
+            opt(l.mean_hu, 1),
+            l.slice_range[0],
+            l.slice_range[1],
+            l.centroid_mm[0],
+            l.centroid_mm[1],
+            l.centroid_mm[2]
+        );
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// Ground-truth label mask.
+    #[arg(long)]
+    pub truth: PathBuf,
+    /// Predicted label mask (same grid).
+    #[arg(long)]
+    pub pred: PathBuf,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn metrics(args: MetricsArgs, settings: &Settings) -> CmdResult {
+    let limits = &settings.read_limits;
+    let truth = LabelVolume::read(&args.truth, limits).map_err(bad_input)?;
+    let pred = LabelVolume::read(&args.pred, limits).map_err(bad_input)?;
+    same_grid(truth.geometry(), pred.geometry(), &args.pred, "truth")?;
+    let m = metrics::evaluate(&truth, &pred)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
+    let row = |name: &str, s: &StructureMetrics| {
+        println!(
+            "{name:<7} dice {:.4}  jaccard {:.4}  voe {:.4}  rvd {}  assd {} mm  mssd {} mm  hd95 {} mm  rmsd {} mm  truth {:.2} mL  pred {:.2} mL{}",
+            s.dice,
+            s.jaccard,
+            s.voe,
+            opt(s.rvd, 4),
+            opt(s.assd_mm, 3),
+            opt(s.mssd_mm, 3),
+            opt(s.hd95_mm, 3),
+            opt(s.rmsd_mm, 3),
+            s.truth_ml,
+            s.pred_ml,
+            s.surface_note
+                .map(|n| format!("  (surface metrics: {n})"))
+                .unwrap_or_default()
+        );
+    };
+    row("liver", &m.liver);
+    row("tumour", &m.tumour);
+    let d = &m.detection;
+    println!(
+        "lesions reference {}  predicted {}  tp {}  fp {}  fn {}  precision {}  recall {}  f1 {}",
+        d.reference_lesions,
+        d.predicted_lesions,
+        d.tp,
+        d.fp,
+        d.fn_,
+        opt(d.precision, 3),
+        opt(d.recall, 3),
+        opt(d.f1, 3)
+    );
+    for (name, c) in [
+        ("small <10 mm", d.by_size.small),
+        ("medium 10-20 mm", d.by_size.medium),
+        ("large >20 mm", d.by_size.large),
+    ] {
+        println!("  {name:<16} detected {}  missed {}", c.tp, c.fn_);
     }
     Ok(())
 }

@@ -25,6 +25,10 @@ pub enum Command {
     Inspect(imaging::InspectArgs),
     /// Write synthetic abdominal CT studies with ground truth in LiTS layout.
     Phantom(imaging::PhantomArgs),
+    /// Lesion analysis of a label mask: volumes, burden, and every lesion's measurements.
+    Lesions(imaging::LesionsArgs),
+    /// Accuracy of a predicted mask against ground truth (overlap, surface, detection).
+    Metrics(imaging::MetricsArgs),
 }
 
 /// How a command failed: decides the exit code.
@@ -81,6 +85,8 @@ pub fn run(cli: Cli, settings: &Settings) -> CmdResult {
     match cli.command {
         Command::Inspect(a) => imaging::inspect(a, settings),
         Command::Phantom(a) => imaging::phantom(a),
+        Command::Lesions(a) => imaging::lesions(a, settings),
+        Command::Metrics(a) => imaging::metrics(a, settings),
     }
 }
 

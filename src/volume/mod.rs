@@ -3,6 +3,7 @@
 //!
 //! Voxels are stored in NIfTI (Fortran) order: x fastest, then y, then z (the slice index).
 
+pub mod edt;
 mod geometry;
 pub mod nifti;
 pub mod phantom;
@@ -91,6 +92,10 @@ impl LabelVolume {
     }
     pub fn labels(&self) -> &[u8] {
         &self.labels
+    }
+    /// Mutable labels (the caller keeps them in 0..=2).
+    pub fn labels_mut(&mut self) -> &mut [u8] {
+        &mut self.labels
     }
     pub fn into_parts(self) -> (Geometry, Vec<u8>) {
         (self.geometry, self.labels)

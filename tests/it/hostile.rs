@@ -122,7 +122,10 @@ fn inspect_limited(path: &Path, env: &[(&str, &str)], max_as: Option<u64>) -> (i
             });
         }
     }
-    #[expect(clippy::zombie_processes, reason = "reaped with wait4 below, to read its rusage")]
+    #[expect(
+        clippy::zombie_processes,
+        reason = "reaped with wait4 below, to read its rusage"
+    )]
     let child = cmd
         .arg("inspect")
         .arg(path)

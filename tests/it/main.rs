@@ -2,6 +2,7 @@
 
 mod support;
 
+mod analysis;
 mod hostile;
 mod nifti_io;
 mod phantom;

@@ -1,0 +1,176 @@
+//! Clean-up of a raw segmentation: one liver, tumour only in and near it, no specks.
+
+use super::{Components, Connectivity};
+use crate::volume::edt::squared_distance;
+use crate::volume::{LabelVolume, label};
+
+/// Keeps the largest 26-connected component of the liver (label ≥ 1, tumours included);
+/// everything outside it becomes background. Returns the number of voxels removed.
+pub fn keep_largest_liver(mask: &mut LabelVolume) -> u64 {
+    let shape = mask.geometry().shape();
+    let comps = Components::label(
+        mask.labels(),
+        shape,
+        |v| v >= label::LIVER,
+        Connectivity::TwentySix,
+    );
+    if comps.count() <= 1 {
+        return 0;
+    }
+    let sizes = comps.sizes();
+    let keep = (1..sizes.len())
+        .max_by_key(|&c| (sizes[c], std::cmp::Reverse(c)))
+        .unwrap_or(1) as u32;
+    let nx = shape[0];
+    let mut removed = 0;
+    let labels = mask.labels_mut();
+    for (r, l) in comps.runs() {
+        if l != keep {
+            let base = r.row as usize * nx;
+            labels[base + r.start as usize..base + r.end as usize].fill(label::BACKGROUND);
+            removed += u64::from(r.end - r.start);
+        }
+    }
+    removed
+}
+
+/// Removes tumour voxels farther than `margin_mm` from every liver-parenchyma voxel (label 1):
+/// tumour is kept inside the liver dilated by the margin. Returns the voxels removed.
+pub fn drop_tumour_outside_liver(mask: &mut LabelVolume, margin_mm: f64) -> u64 {
+    let g = mask.geometry().clone();
+    let [nx, ny, nz] = g.shape();
+    let s = g.spacing_mm();
+    // Box around every tumour voxel, grown by the margin: every liver voxel that can be within
+    // the margin of a tumour voxel lies inside it.
+    let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
+    for (i, &v) in mask.labels().iter().enumerate() {
+        if v == label::TUMOUR {
+            let c = [i % nx, (i / nx) % ny, i / (nx * ny)];
+            for t in 0..3 {
+                lo[t] = lo[t].min(c[t]);
+                hi[t] = hi[t].max(c[t]);
+            }
+        }
+    }
+    if lo[0] == usize::MAX {
+        return 0;
+    }
+    let shape = [nx, ny, nz];
+    for t in 0..3 {
+        let grow = (margin_mm.max(0.0) / s[t]).ceil() as usize;
+        lo[t] = lo[t].saturating_sub(grow);
+        hi[t] = (hi[t] + grow).min(shape[t] - 1);
+    }
+    let b = [hi[0] - lo[0] + 1, hi[1] - lo[1] + 1, hi[2] - lo[2] + 1];
+    let idx = |x: usize, y: usize, z: usize| (lo[0] + x) + nx * ((lo[1] + y) + ny * (lo[2] + z));
+    let mut feat = vec![false; b[0] * b[1] * b[2]];
+    for z in 0..b[2] {
+        for y in 0..b[1] {
+            for x in 0..b[0] {
+                feat[x + b[0] * (y + b[1] * z)] = mask.labels()[idx(x, y, z)] == label::LIVER;
+            }
+        }
+    }
+    let d2 = squared_distance(&feat, b, s);
+    let limit = margin_mm * margin_mm;
+    let labels = mask.labels_mut();
+    let mut removed = 0;
+    for z in 0..b[2] {
+        for y in 0..b[1] {
+            for x in 0..b[0] {
+                let i = idx(x, y, z);
+                if labels[i] == label::TUMOUR && d2[x + b[0] * (y + b[1] * z)] > limit {
+                    labels[i] = label::BACKGROUND;
+                    removed += 1;
+                }
+            }
+        }
+    }
+    removed
+}
+
+/// Relabels tumour components smaller than `min_ml` as liver (they lie in the liver).
+/// Returns the number of components dropped.
+pub fn drop_small_tumours(mask: &mut LabelVolume, min_ml: f64) -> usize {
+    let g = mask.geometry();
+    let shape = g.shape();
+    let ml = g.voxel_volume_mm3() / 1000.0;
+    let comps = Components::label(
+        mask.labels(),
+        shape,
+        |v| v == label::TUMOUR,
+        Connectivity::TwentySix,
+    );
+    let sizes = comps.sizes();
+    let small: Vec<bool> = sizes.iter().map(|&n| (n as f64) * ml < min_ml).collect();
+    let nx = shape[0];
+    let labels = mask.labels_mut();
+    for (r, l) in comps.runs() {
+        if small[l as usize] {
+            let base = r.row as usize * nx;
+            labels[base + r.start as usize..base + r.end as usize].fill(label::LIVER);
+        }
+    }
+    small.iter().skip(1).filter(|&&s| s).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::Geometry;
+
+    fn mask(shape: [usize; 3], f: impl Fn(usize, usize, usize) -> u8) -> LabelVolume {
+        let g = Geometry::new(
+            shape,
+            [1.0, 1.0, 2.0],
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+            [0.0; 3],
+        )
+        .unwrap();
+        let mut v = vec![0u8; g.len()];
+        for k in 0..shape[2] {
+            for j in 0..shape[1] {
+                for i in 0..shape[0] {
+                    v[g.index(i, j, k)] = f(i, j, k);
+                }
+            }
+        }
+        LabelVolume::new(g, v).unwrap()
+    }
+
+    #[test]
+    fn only_the_largest_liver_survives() {
+        let mut m = mask([10, 4, 2], |i, _, _| match i {
+            0..=5 => 1,
+            8 => 2,
+            _ => 0,
+        });
+        assert_eq!(keep_largest_liver(&mut m), 8);
+        assert!(m.labels().iter().all(|&v| v <= 1));
+    }
+
+    #[test]
+    fn tumour_far_from_liver_is_removed() {
+        // Liver at x 0..=2, tumour at x = 3 (touching) and x = 9 (6 mm away).
+        let mut m = mask([10, 1, 1], |i, _, _| match i {
+            0..=2 => 1,
+            3 | 9 => 2,
+            _ => 0,
+        });
+        assert_eq!(drop_tumour_outside_liver(&mut m, 5.0), 1);
+        assert_eq!(m.labels()[3], 2);
+        assert_eq!(m.labels()[9], 0);
+    }
+
+    #[test]
+    fn small_tumours_become_liver() {
+        // Voxel volume 2 mm³; one tumour voxel (0.002 mL) and one of 3 voxels (0.006 mL).
+        let mut m = mask([9, 1, 1], |i, _, _| match i {
+            1 | 4..=6 => 2,
+            _ => 1,
+        });
+        assert_eq!(drop_small_tumours(&mut m, 0.005), 1);
+        assert_eq!(m.labels()[1], 1);
+        assert_eq!(m.labels()[5], 2);
+    }
+}
