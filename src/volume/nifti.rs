@@ -724,10 +724,13 @@ fn validate(
              uint64, float32, float64)",
         )
     })?;
-    let n_vox = u128::from(shape[0]) * u128::from(shape[1]) * u128::from(shape[2]);
-    let data_bytes = n_vox * datatype.size() as u128;
+    // Saturating: NIfTI-2 dims are 64-bit, so the product can exceed even u128.
+    let n_vox = u128::from(shape[0])
+        .saturating_mul(u128::from(shape[1]))
+        .saturating_mul(u128::from(shape[2]));
+    let data_bytes = n_vox.saturating_mul(datatype.size() as u128);
     let limit = limits.max_decoded_bytes;
-    let as_f32 = n_vox * 4;
+    let as_f32 = n_vox.saturating_mul(4);
     if data_bytes.max(as_f32) > u128::from(limit) {
         return Err(NiftiError::TooLarge {
             file: file.into(),
@@ -757,11 +760,11 @@ fn validate(
             ),
         ));
     }
-    if (vo as u128) + data_bytes > u128::from(limit) {
+    if (vo as u128).saturating_add(data_bytes) > u128::from(limit) {
         return Err(NiftiError::TooLarge {
             file: file.into(),
             what: format!("vox_offset = {vo} plus the voxel data"),
-            bytes: vo as u128 + data_bytes,
+            bytes: (vo as u128).saturating_add(data_bytes),
             limit,
         });
     }
