@@ -48,7 +48,32 @@ python_env() {
   echo "$want" >"$stamp"
 }
 
-# build: release build of the binary.
+# torch_env: PyTorch 2.13.0 from PyPI, whose wheel carries the libtorch that tch links.
+# A machine with an NVIDIA GPU gets the full wheel with its CUDA libraries; others the wheel
+# alone with the two CUDA runtime pieces libtorch needs to load (about 1.2 GB).
+TORCH_VENV="${HEPAFLOW_TORCH_VENV:-$ROOT/.venv-torch}"
+TORCH_VERSION=2.13.0
+torch_env() {
+  local kind=cpu
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then kind=cuda; fi
+  local stamp="$TORCH_VENV/.torch-$TORCH_VERSION-$kind"
+  if [ ! -f "$stamp" ]; then
+    log "installing PyTorch $TORCH_VERSION ($kind) for libtorch into $(basename "$TORCH_VENV")"
+    [ -x "$TORCH_VENV/bin/python" ] || python3 -m venv "$TORCH_VENV"
+    if [ "$kind" = cuda ]; then
+      "$TORCH_VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+    else
+      "$TORCH_VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+        "torch==$TORCH_VERSION" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+    fi
+    touch "$stamp"
+  fi
+  LIBTORCH="$(echo "$TORCH_VENV"/lib/python3*/site-packages/torch)"
+  export LIBTORCH
+}
+
+# build: release build of the binary (linked to libtorch with an rpath: no LD_LIBRARY_PATH).
 build() {
+  torch_env
   (cd "$ROOT" && cargo build --release --locked -q)
 }

@@ -7,6 +7,8 @@
 //!   bounded) and writing, and synthetic CT phantoms.
 //! - [`lesions`]: connected components, lesion measurements, mask post-processing (pure).
 //! - [`metrics`]: overlap, surface and detection metrics, batch aggregation (pure).
+//! - [`segment`]: the VGG16 patch classifier on libtorch: training, dense and patch
+//!   inference, reassembly into a label mask.
 //! - [`config`]: settings from the environment, with embedded defaults.
 //! - [`cli`]: the command-line interface; the composition root.
 //! - [`fsutil`]: atomic file writes.
@@ -16,4 +18,5 @@ pub mod config;
 pub mod fsutil;
 pub mod lesions;
 pub mod metrics;
+pub mod segment;
 pub mod volume;

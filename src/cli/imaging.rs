@@ -184,6 +184,49 @@ pub fn phantom(args: PhantomArgs) -> CmdResult {
 }
 
 #[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// CT volume.
+    #[arg(long)]
+    pub ct: PathBuf,
+    /// Label mask whose contours are drawn (liver green, tumour red).
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// Axial slice; default: the largest tumour (else liver) cross-section of the mask.
+    #[arg(long)]
+    pub slice: Option<usize>,
+    /// PNG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn preview(args: PreviewArgs, settings: &Settings) -> CmdResult {
+    let limits = &settings.read_limits;
+    let ct = CtVolume::read(&args.ct, limits).map_err(bad_input)?;
+    let mask = match &args.mask {
+        Some(p) => {
+            let m = LabelVolume::read(p, limits).map_err(bad_input)?;
+            same_grid(ct.geometry(), m.geometry(), p, "CT")?;
+            Some(m)
+        }
+        None => None,
+    };
+    let nz = ct.geometry().shape()[2];
+    let k = args
+        .slice
+        .or_else(|| mask.as_ref().map(preview::overview_slice))
+        .unwrap_or(nz / 2);
+    if k >= nz {
+        return Err(Failure::Other(anyhow::anyhow!(
+            "--slice {k}: the volume has {nz} slices"
+        )));
+    }
+    preview::slice_with_contours(&ct, mask.as_ref(), k)
+        .write_png(&args.out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    Ok(())
+}
+
+#[derive(Debug, Args)]
 pub struct LesionsArgs {
     /// Label mask (0 background, 1 liver, 2 tumour).
     #[arg(long)]

@@ -3,7 +3,9 @@
 //! Exit codes: 0 success · 2 usage error · 3 bad input file · 1 any other failure.
 //! Machine-readable output goes to stdout (`--json`); logs and progress go to stderr.
 
+mod bench;
 mod imaging;
+mod model;
 
 use std::process::ExitCode;
 
@@ -25,10 +27,20 @@ pub enum Command {
     Inspect(imaging::InspectArgs),
     /// Write synthetic abdominal CT studies with ground truth in LiTS layout.
     Phantom(imaging::PhantomArgs),
+    /// A PNG of one axial slice in a liver window with a mask's contours.
+    Preview(imaging::PreviewArgs),
     /// Lesion analysis of a label mask: volumes, burden, and every lesion's measurements.
     Lesions(imaging::LesionsArgs),
     /// Accuracy of a predicted mask against ground truth (overlap, surface, detection).
     Metrics(imaging::MetricsArgs),
+    /// Train the VGG16 patch classifier on a LiTS-layout folder.
+    Train(model::TrainArgs),
+    /// Segment one CT volume into a liver/tumour label mask.
+    Segment(model::SegmentArgs),
+    /// Segment every study of a LiTS-layout folder and score it against its ground truth.
+    Eval(model::EvalArgs),
+    /// In-process timings of the imaging core, for the benchmark scripts (JSON).
+    Bench(bench::BenchArgs),
 }
 
 /// How a command failed: decides the exit code.
@@ -86,7 +98,12 @@ pub fn run(cli: Cli, settings: &Settings) -> CmdResult {
         Command::Inspect(a) => imaging::inspect(a, settings),
         Command::Phantom(a) => imaging::phantom(a),
         Command::Lesions(a) => imaging::lesions(a, settings),
+        Command::Preview(a) => imaging::preview(a, settings),
         Command::Metrics(a) => imaging::metrics(a, settings),
+        Command::Bench(a) => bench::bench(a, settings),
+        Command::Train(a) => model::train(a, settings),
+        Command::Segment(a) => model::segment(a, settings),
+        Command::Eval(a) => model::eval(a, settings),
     }
 }
 

@@ -6,3 +6,4 @@ mod analysis;
 mod hostile;
 mod nifti_io;
 mod phantom;
+mod segment;

@@ -1,0 +1,210 @@
+//! `hepaflow bench`: in-process timings of the imaging core, for the benchmark scripts
+//! (`scripts/bench-*`), which compare them with reference tools side by side. Prints JSON.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::CmdResult;
+use super::imaging::bad_input;
+use crate::config::Settings;
+use crate::lesions::{Components, Connectivity};
+use crate::metrics::surface;
+use crate::volume::{CtVolume, LabelVolume, NiftiFile};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchCommand,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, global = true, default_value_t = 5)]
+    pub repeat: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Read a NIfTI file into a float32 CT volume.
+    Read { file: PathBuf },
+    /// 3D connected components (with the full label volume) of a mask's structure.
+    Label {
+        mask: PathBuf,
+        /// `liver` (label ≥ 1), `tumour` (label 2), or `hu>VALUE` on a CT file.
+        #[arg(long, default_value = "tumour")]
+        structure: String,
+        #[arg(long, default_value_t = 26)]
+        connectivity: u32,
+    },
+    /// Dense against patch inference with one model: probability difference and timings.
+    Modes {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        stride: i64,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Pooled surface distances (ASSD, MSSD, HD95) of one structure.
+    Surface {
+        #[arg(long)]
+        truth: PathBuf,
+        #[arg(long)]
+        pred: PathBuf,
+        #[arg(long, default_value = "liver")]
+        structure: String,
+    },
+}
+
+fn timed<T>(repeat: usize, mut f: impl FnMut() -> T) -> (Vec<f64>, T) {
+    let mut times = Vec::with_capacity(repeat);
+    let mut last = None;
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        let out = f();
+        times.push(t.elapsed().as_secs_f64());
+        last = Some(out);
+    }
+    (times, last.expect("at least one run"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn structure_pred(name: &str) -> anyhow::Result<fn(u8) -> bool> {
+    match name {
+        "liver" => Ok(|v| v >= 1),
+        "tumour" => Ok(|v| v == 2),
+        other => anyhow::bail!("unknown structure {other:?}: expected liver or tumour"),
+    }
+}
+
+pub fn bench(args: BenchArgs, settings: &Settings) -> CmdResult {
+    let limits = &settings.read_limits;
+    let threads = rayon::current_num_threads();
+    if let BenchCommand::Modes {
+        model,
+        input,
+        stride,
+        device,
+    } = &args.what
+    {
+        return modes(model, input, *stride, device, settings);
+    }
+    let out = match args.what {
+        BenchCommand::Modes { .. } => unreachable!("handled above"),
+        BenchCommand::Read { file } => {
+            NiftiFile::open(&file, limits).map_err(bad_input)?; // warm the page cache
+            let (times, ct) = timed(args.repeat, || CtVolume::read(&file, limits));
+            let ct = ct.map_err(bad_input)?;
+            json!({"stage": "read", "threads": threads, "median_s": median(times.clone()),
+                   "runs_s": times, "shape": ct.geometry().shape()})
+        }
+        BenchCommand::Label {
+            mask,
+            structure,
+            connectivity,
+        } => {
+            let conn = Connectivity::from_neighbours(connectivity)
+                .ok_or_else(|| anyhow::anyhow!("connectivity must be 6, 18 or 26"))?;
+            let (values, shape) = if let Some(t) = structure.strip_prefix("hu>") {
+                let t: f32 = t.parse()?;
+                let ct = CtVolume::read(&mask, limits).map_err(bad_input)?;
+                let v: Vec<u8> = ct.hu().iter().map(|&h| u8::from(h > t)).collect();
+                (v, ct.geometry().shape())
+            } else {
+                let pred = structure_pred(&structure)?;
+                let m = LabelVolume::read(&mask, limits).map_err(bad_input)?;
+                let shape = m.geometry().shape();
+                (
+                    m.labels().iter().map(|&v| u8::from(pred(v))).collect(),
+                    shape,
+                )
+            };
+            // Timed like cc3d: labelling plus the full label volume.
+            let (times, (comps, volume)) = timed(args.repeat, || {
+                let c = Components::label(&values, shape, |v| v != 0, conn);
+                let volume = c.label_volume();
+                (c, volume)
+            });
+            drop(volume);
+            let (count, sizes) = (comps.count(), comps.sizes());
+            json!({"stage": "label", "threads": threads, "median_s": median(times.clone()),
+                   "runs_s": times, "components": count, "sizes": &sizes[1..]})
+        }
+        BenchCommand::Surface {
+            truth,
+            pred,
+            structure,
+        } => {
+            let is_in = structure_pred(&structure)?;
+            let t = LabelVolume::read(&truth, limits).map_err(bad_input)?;
+            let p = LabelVolume::read(&pred, limits).map_err(bad_input)?;
+            let g = t.geometry();
+            let (times, stats) = timed(args.repeat, || {
+                surface::surface_distances(t.labels(), p.labels(), g.shape(), g.spacing_mm(), is_in)
+                    .and_then(surface::stats)
+            });
+            let s = stats.ok_or_else(|| anyhow::anyhow!("a mask is empty"))?;
+            json!({"stage": "surface", "threads": threads, "median_s": median(times.clone()),
+                   "runs_s": times, "assd": s.assd, "mssd": s.mssd, "hd95": s.hd95, "rmsd": s.rmsd})
+        }
+    };
+    println!("{out}");
+    Ok(())
+}
+
+fn modes(
+    model: &std::path::Path,
+    input: &std::path::Path,
+    stride: i64,
+    device: &str,
+    settings: &Settings,
+) -> CmdResult {
+    use crate::segment::{self, Classifier, InferOptions, Mode, infer};
+    let device = segment::parse_device(device).map_err(|e| super::Failure::Other(e.into()))?;
+    let clf =
+        Classifier::load(model, device, false).map_err(|e| super::Failure::BadInput(e.into()))?;
+    let ct = CtVolume::read(input, &settings.read_limits).map_err(bad_input)?;
+    let run = |mode| {
+        let opts = InferOptions {
+            mode,
+            stride,
+            ..InferOptions::default()
+        };
+        let t = Instant::now();
+        let maps = infer::probabilities(&clf, &ct, &opts, device);
+        (t.elapsed().as_secs_f64(), maps)
+    };
+    let (td, d) = run(Mode::Dense);
+    let (tp, p) = run(Mode::Patch);
+    let mut max = 0.0f32;
+    for c in 0..3 {
+        for (a, b) in d.probs[c].iter().zip(&p.probs[c]) {
+            max = max.max((a - b).abs());
+        }
+    }
+    let shape = ct.geometry().shape();
+    let mask = |m: &infer::ProbabilityMaps| {
+        LabelVolume::new(
+            ct.geometry().clone(),
+            infer::reassemble(m, shape, clf.tumour_threshold()),
+        )
+        .expect("grid")
+    };
+    let m = crate::metrics::evaluate(&mask(&d), &mask(&p)).expect("same grid");
+    let out = json!({"stage": "modes", "stride": stride, "dense_s": td, "patch_s": tp,
+        "max_abs_probability_difference": max, "positions": d.nu * d.nv * d.nz,
+        "dice_liver_between_modes": m.liver.dice, "dice_tumour_between_modes": m.tumour.dice});
+    println!("{out}");
+    Ok(())
+}

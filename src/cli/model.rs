@@ -1,0 +1,233 @@
+//! Model tools: `train`, `segment`, `eval`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::json;
+
+use super::imaging::bad_input;
+use super::{CmdResult, Failure};
+use crate::config::Settings;
+use crate::metrics;
+use crate::segment::train::{self, TrainError, TrainOptions};
+use crate::segment::{self, Classifier, InferOptions, Mode, ModelError};
+use crate::volume::{CtVolume, LabelVolume};
+
+fn model_failure(e: ModelError) -> Failure {
+    match e {
+        ModelError::Device(_) | ModelError::NoCuda => Failure::Other(e.into()),
+        _ => Failure::BadInput(e.into()),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// LiTS-layout folder (volume-K.nii.gz + segmentation-K.nii.gz).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Folder for model.safetensors and card.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Patch side in pixels (59 + an even number).
+    #[arg(long, default_value_t = 59)]
+    pub patch: i64,
+    /// Width multiplier of the VGG16 layers (1 = the real VGG16 widths).
+    #[arg(long, default_value_t = 0.125)]
+    pub width: f64,
+    #[arg(long, default_value_t = 12)]
+    pub epochs: usize,
+    /// Optimisation steps per epoch.
+    #[arg(long, default_value_t = 400)]
+    pub steps: usize,
+    /// Crops per step (each crop trains 16 × 16 patches).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// ImageNet VGG16 weights (torchvision names, .safetensors) to start the convolutions
+    /// from; needs --width 1.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+}
+
+pub fn train(args: TrainArgs, settings: &Settings) -> CmdResult {
+    let device = segment::parse_device(&args.device).map_err(model_failure)?;
+    let opts = TrainOptions {
+        patch: args.patch,
+        width: args.width,
+        epochs: args.epochs,
+        steps_per_epoch: args.steps,
+        batch: args.batch,
+        lr: args.lr,
+        seed: args.seed,
+        device,
+        init: args.init,
+        progress: true,
+        ..TrainOptions::default()
+    };
+    let t = Instant::now();
+    let card =
+        train::train(&args.data, &args.out, &opts, &settings.read_limits).map_err(|e| match e {
+            TrainError::Nifti(e) => bad_input(e),
+            TrainError::Model(e) => model_failure(e),
+            TrainError::Data(_) => Failure::BadInput(e.into()),
+            TrainError::Write { .. } => Failure::Other(e.into()),
+        })?;
+    tracing::info!(duration_s = t.elapsed().as_secs(), "model written");
+    println!(
+        "model {} written to {} (weights sha256 {})",
+        card.name,
+        args.out.display(),
+        card.weights_sha256
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// Inference mode.
+    #[arg(long, value_enum, default_value_t = Mode::Dense)]
+    pub mode: Mode,
+    /// Distance between classified patch centres in pixels.
+    #[arg(long, default_value_t = 2)]
+    pub stride: i64,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Use float32 on a GPU instead of bfloat16.
+    #[arg(long)]
+    pub fp32: bool,
+    /// Tumour probability threshold (default: the model card's calibrated value).
+    #[arg(long)]
+    pub tumour_threshold: Option<f32>,
+}
+
+impl InferArgs {
+    fn options(&self) -> Result<InferOptions, Failure> {
+        if !(1..=16).contains(&self.stride) {
+            return Err(Failure::Other(anyhow::anyhow!(
+                "--stride {}: must be 1 to 16",
+                self.stride
+            )));
+        }
+        Ok(InferOptions {
+            mode: self.mode,
+            stride: self.stride,
+            half_precision: !self.fp32,
+            tumour_threshold: self.tumour_threshold,
+            ..InferOptions::default()
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SegmentArgs {
+    /// Model folder (card.json + weights).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// CT volume (NIfTI).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Label mask to write (uint8 NIfTI with the input's geometry).
+    #[arg(long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub infer: InferArgs,
+}
+
+pub fn segment(args: SegmentArgs, settings: &Settings) -> CmdResult {
+    let opts = args.infer.options()?;
+    let device = segment::parse_device(&args.infer.device).map_err(model_failure)?;
+    let clf = Classifier::load(&args.model, device, opts.half_precision).map_err(model_failure)?;
+    let ct = CtVolume::read(&args.input, &settings.read_limits).map_err(bad_input)?;
+    let t = Instant::now();
+    let mask = clf.segment(&ct, &opts).map_err(model_failure)?;
+    mask.write(&args.output)?;
+    tracing::info!(duration_ms = t.elapsed().as_millis() as u64, device = ?device, "segmented");
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// LiTS-layout folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub infer: InferArgs,
+}
+
+pub fn eval(args: EvalArgs, settings: &Settings) -> CmdResult {
+    let opts = args.infer.options()?;
+    let device = segment::parse_device(&args.infer.device).map_err(model_failure)?;
+    let clf = Classifier::load(&args.model, device, opts.half_precision).map_err(model_failure)?;
+    let studies = train::lits_pairs(&args.data).map_err(|e| Failure::BadInput(e.into()))?;
+    if studies.is_empty() {
+        return Err(Failure::BadInput(anyhow::anyhow!(
+            "{}: no volume-K/segmentation-K pairs",
+            args.data.display()
+        )));
+    }
+    let mut rows = Vec::new();
+    let mut all = Vec::new();
+    for s in &studies {
+        let ct = CtVolume::read(&s.volume, &settings.read_limits).map_err(bad_input)?;
+        let truth = LabelVolume::read(&s.truth, &settings.read_limits).map_err(bad_input)?;
+        let t = Instant::now();
+        let pred = clf.segment(&ct, &opts).map_err(model_failure)?;
+        let secs = t.elapsed().as_secs_f64();
+        let m = metrics::evaluate(&truth, &pred)
+            .map_err(|e| Failure::BadInput(anyhow::anyhow!("{}: {e}", s.truth.display())))?;
+        if !args.json {
+            println!(
+                "study {:>4}  liver Dice {:.4}  tumour Dice {:.4}  lesions {} found of {} (recall {})  {:.1} s",
+                s.id,
+                m.liver.dice,
+                m.tumour.dice,
+                m.detection.tp,
+                m.detection.reference_lesions,
+                m.detection
+                    .recall
+                    .map_or("n/a".into(), |r| format!("{r:.2}")),
+                secs
+            );
+        }
+        rows.push(json!({"study": s.id, "seconds": secs, "metrics": &m}));
+        all.push(m);
+    }
+    let batch = metrics::aggregate(&all);
+    // Recall for lesions of 10 mm and more (medium + large).
+    let (tp, fn_) = all.iter().fold((0, 0), |(t, f), m| {
+        let b = &m.detection.by_size;
+        (t + b.medium.tp + b.large.tp, f + b.medium.fn_ + b.large.fn_)
+    });
+    let recall_10mm = (tp + fn_ > 0).then(|| tp as f64 / (tp + fn_) as f64);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"model": clf.card().name, "studies": rows, "batch": batch, "recall_ge_10mm": recall_10mm})
+            )?
+        );
+    } else {
+        let f = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.4}"));
+        println!(
+            "batch of {}: liver Dice per case {} global {}  tumour Dice per case {} global {}  recall >=10 mm {}  burden RMSE {} pp",
+            batch.studies,
+            f(batch.liver.dice_per_case),
+            f(batch.liver.dice_global),
+            f(batch.tumour.dice_per_case),
+            f(batch.tumour.dice_global),
+            f(recall_10mm),
+            f(batch.tumour_burden_rmse)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! Inference: the network's inputs, dense (fully convolutional) and patch evaluation, and the
+//! reassembly of probabilities into a label mask on the study's own grid.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::Classifier;
+use crate::lesions;
+use crate::volume::{CtVolume, LabelVolume};
+
+/// How the input channels are made from the CT; recorded in the model card.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InputSpec {
+    /// Slice offsets stacked as channels (0 = the slice itself).
+    pub slice_offsets: Vec<i64>,
+    /// HU window mapped linearly onto [-1, 1] (values outside are clamped).
+    pub window_hu: [f32; 2],
+    /// HU assumed outside the image (air).
+    pub pad_hu: f32,
+}
+
+impl Default for InputSpec {
+    fn default() -> Self {
+        Self {
+            slice_offsets: vec![-1, 0, 1],
+            window_hu: [-160.0, 240.0],
+            pad_hu: -1000.0,
+        }
+    }
+}
+
+impl InputSpec {
+    #[inline]
+    pub fn window(&self, hu: f32) -> f32 {
+        let [lo, hi] = self.window_hu;
+        ((hu - lo) / (hi - lo) * 2.0 - 1.0).clamp(-1.0, 1.0)
+    }
+}
+
+/// Inference settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InferOptions {
+    pub mode: Mode,
+    /// Distance between classified patch centres, in pixels (1, 2, 4, ...).
+    pub stride: i64,
+    /// Slices per batch in dense mode; patches per batch in patch mode.
+    pub batch: i64,
+    /// Post-processing: tumour farther than this from liver tissue is dropped (mm).
+    pub tumour_margin_mm: f64,
+    /// Post-processing: tumour components smaller than this become liver (mL).
+    pub min_tumour_ml: f64,
+    /// Use bfloat16 on a GPU.
+    pub half_precision: bool,
+    /// Tumour where its probability reaches this (within liver: p(liver) + p(tumour) ≥
+    /// p(background)); None: the model card's calibrated value, else 0.5.
+    pub tumour_threshold: Option<f32>,
+}
+
+impl Default for InferOptions {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Dense,
+            stride: 2,
+            batch: 4,
+            tumour_margin_mm: 3.0,
+            min_tumour_ml: 0.02,
+            half_precision: true,
+            tumour_threshold: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Fully convolutional over whole slices.
+    Dense,
+    /// One patch at a time (batched): the reference.
+    Patch,
+}
+
+/// Class probabilities on a grid of patch centres: `probs[c][(v * nu + u) + k * nu * nv]`
+/// for the centre at pixel (x0 + s·u, y0 + s·v) of slice k.
+pub struct ProbabilityMaps {
+    pub stride: usize,
+    pub x0: usize,
+    pub y0: usize,
+    pub nu: usize,
+    pub nv: usize,
+    pub nz: usize,
+    /// [background, liver, tumour], each nu × nv × nz.
+    pub probs: [Vec<f32>; 3],
+}
+
+/// The windowed, padded slices of a volume as one tensor (nz, H + 2h, W + 2h) on `device`,
+/// with h = (patch − 1) / 2; pixel (x, y) of slice k sits at [k, y + h, x + h].
+pub fn prepare(ct: &CtVolume, spec: &InputSpec, patch: i64) -> Tensor {
+    let [nx, ny, nz] = ct.geometry().shape();
+    let windowed: Vec<f32> = ct.hu().par_iter().map(|&h| spec.window(h)).collect();
+    let h = (patch - 1) / 2;
+    Tensor::from_slice(&windowed)
+        .view([nz as i64, ny as i64, nx as i64])
+        .pad(
+            [h, h, h, h],
+            "constant",
+            Some(spec.window(spec.pad_hu) as f64),
+        )
+}
+
+/// Channels of slice `k`: the slices at the spec's offsets, clamped at the volume's ends.
+pub fn channels(slices: &Tensor, spec: &InputSpec, k: i64) -> Tensor {
+    let nz = slices.size()[0];
+    let idx: Vec<i64> = spec
+        .slice_offsets
+        .iter()
+        .map(|o| (k + o).clamp(0, nz - 1))
+        .collect();
+    slices.index_select(0, &Tensor::from_slice(&idx))
+}
+
+/// The body's bounding box in x and y over all slices (HU > −500), grown by `margin`,
+/// starting at an even pixel; None when the image holds no body.
+fn body_box(ct: &CtVolume, margin: usize) -> Option<([usize; 2], [usize; 2])> {
+    let [nx, ny, _] = ct.geometry().shape();
+    let (mut lo, mut hi) = ([usize::MAX; 2], [0usize; 2]);
+    for (i, &h) in ct.hu().iter().enumerate() {
+        if h > -500.0 {
+            let (x, y) = (i % nx, (i / nx) % ny);
+            lo = [lo[0].min(x), lo[1].min(y)];
+            hi = [hi[0].max(x), hi[1].max(y)];
+        }
+    }
+    if lo[0] == usize::MAX {
+        return None;
+    }
+    let lo = [
+        (lo[0].saturating_sub(margin)) & !3,
+        (lo[1].saturating_sub(margin)) & !3,
+    ];
+    let hi = [(hi[0] + margin).min(nx - 1), (hi[1] + margin).min(ny - 1)];
+    Some((lo, hi))
+}
+
+/// Evaluates the classifier on every patch centre of the stride grid inside the body box.
+pub fn probabilities(
+    net: &Classifier,
+    ct: &CtVolume,
+    opts: &InferOptions,
+    device: Device,
+) -> ProbabilityMaps {
+    let [nx, ny, nz] = ct.geometry().shape();
+    let s = opts.stride.max(1) as usize;
+    let spec = net.input();
+    let patch = net.arch().patch;
+    let h = (patch - 1) / 2;
+    let (lo, hi) = body_box(ct, 8).unwrap_or(([0, 0], [nx - 1, ny - 1]));
+    let (x0, y0) = (lo[0], lo[1]);
+    let nu = (hi[0] - x0) / s + 1;
+    let nv = (hi[1] - y0) / s + 1;
+    let mut probs = [
+        vec![1.0f32; nu * nv * nz],
+        vec![0.0f32; nu * nv * nz],
+        vec![0.0f32; nu * nv * nz],
+    ];
+    let slices = prepare(ct, spec, patch).to_device(device);
+    let kind = if device.is_cuda() && opts.half_precision {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    let plane = nu * nv;
+    let hu = ct.hu();
+    let mut store = |k: usize, u: usize, v: usize, p: [f32; 3]| {
+        let i = k * plane + v * nu + u;
+        for c in 0..3 {
+            probs[c][i] = p[c];
+        }
+    };
+    tch::no_grad(|| match opts.mode {
+        Mode::Dense => {
+            // Crop of the padded slices covering centres x0 .. x0 + s(nu − 1) (and y likewise),
+            // evaluated at the network's own stride 2 and, for stride 1, at the four shifts.
+            let shifts: Vec<(usize, usize)> = if s == 1 {
+                vec![(0, 0), (1, 0), (0, 1), (1, 1)]
+            } else {
+                vec![(0, 0)]
+            };
+            let span_x = s * (nu - 1) + 1;
+            let span_y = s * (nv - 1) + 1;
+            let batch = opts.batch.max(1) as usize;
+            for k0 in (0..nz).step_by(batch) {
+                let ks: Vec<i64> = (k0..(k0 + batch).min(nz)).map(|k| k as i64).collect();
+                let input = Tensor::stack(
+                    &ks.iter()
+                        .map(|&k| channels(&slices, spec, k))
+                        .collect::<Vec<_>>(),
+                    0,
+                );
+                for &(dx, dy) in &shifts {
+                    // Centres x0 + dx + 2u: the padded window starts at x0 + dx.
+                    let w = (span_x - dx) as i64 + 2 * h;
+                    let hh = (span_y - dy) as i64 + 2 * h;
+                    let crop = input
+                        .narrow(
+                            3,
+                            (x0 + dx) as i64,
+                            w.min(input.size()[3] - (x0 + dx) as i64),
+                        )
+                        .narrow(
+                            2,
+                            (y0 + dy) as i64,
+                            hh.min(input.size()[2] - (y0 + dy) as i64),
+                        );
+                    let logits = net.forward(&crop.to_kind(kind));
+                    let p = logits
+                        .to_kind(Kind::Float)
+                        .softmax(1, Kind::Float)
+                        .to_device(Device::Cpu)
+                        .contiguous();
+                    let [b, _, oh, ow] = p.size()[..] else {
+                        unreachable!("4D output")
+                    };
+                    let data: Vec<f32> =
+                        Vec::<f32>::try_from(p.view([-1])).expect("f32 probabilities");
+                    let (oh, ow) = (oh as usize, ow as usize);
+                    for bi in 0..b as usize {
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                // Output (ox, oy) is centred at x0 + dx + 2 ox.
+                                let px = dx + 2 * ox;
+                                let py = dy + 2 * oy;
+                                if px % s != 0 || py % s != 0 {
+                                    continue;
+                                }
+                                let (u, v) = (px / s, py / s);
+                                if u >= nu || v >= nv {
+                                    continue;
+                                }
+                                let k = ks[bi] as usize;
+                                // Air cannot be liver: as in patch mode, only body centres count.
+                                if hu[(x0 + px) + nx * ((y0 + py) + ny * k)] <= -500.0 {
+                                    continue;
+                                }
+                                let at = |c: usize| data[((bi * 3 + c) * oh + oy) * ow + ox];
+                                store(k, u, v, [at(0), at(1), at(2)]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Mode::Patch => {
+            // Patch centres inside the body, batched.
+            let mut centres = Vec::new();
+            for k in 0..nz {
+                for v in 0..nv {
+                    for u in 0..nu {
+                        let (x, y) = (x0 + s * u, y0 + s * v);
+                        if hu[x + nx * (y + ny * k)] > -500.0 {
+                            centres.push((k, u, v));
+                        }
+                    }
+                }
+            }
+            let batch = (opts.batch.max(1) * 64) as usize;
+            let mut current_k = usize::MAX;
+            let mut chans = Tensor::new();
+            for chunk in centres.chunks(batch) {
+                let mut patches = Vec::with_capacity(chunk.len());
+                for &(k, u, v) in chunk {
+                    if k != current_k {
+                        chans = channels(&slices, spec, k as i64);
+                        current_k = k;
+                    }
+                    let (x, y) = ((x0 + s * u) as i64, (y0 + s * v) as i64);
+                    // The patch centred at (x, y) starts at padded (x, y).
+                    patches.push(chans.narrow(2, x, patch).narrow(1, y, patch));
+                }
+                let input = Tensor::stack(&patches, 0).to_kind(kind);
+                let p = net
+                    .forward(&input)
+                    .to_kind(Kind::Float)
+                    .softmax(1, Kind::Float)
+                    .to_device(Device::Cpu)
+                    .contiguous();
+                let data: Vec<f32> = Vec::<f32>::try_from(p.view([-1])).expect("f32 probabilities");
+                for (i, &(k, u, v)) in chunk.iter().enumerate() {
+                    store(k, u, v, [data[3 * i], data[3 * i + 1], data[3 * i + 2]]);
+                }
+            }
+        }
+    });
+    ProbabilityMaps {
+        stride: s,
+        x0,
+        y0,
+        nu,
+        nv,
+        nz,
+        probs,
+    }
+}
+
+/// Bilinear interpolation of the probability maps to every voxel, argmax into labels
+/// (outside the evaluated box: background).
+///
+/// A voxel is liver structure when p(liver) + p(tumour) ≥ p(background), and tumour within it
+/// when p(tumour) ≥ `tumour_threshold`.
+pub fn reassemble(maps: &ProbabilityMaps, shape: [usize; 3], tumour_threshold: f32) -> Vec<u8> {
+    let [nx, ny, nz] = shape;
+    let s = maps.stride as f32;
+    let plane = maps.nu * maps.nv;
+    let mut labels = vec![0u8; nx * ny * nz];
+    labels
+        .par_chunks_mut(nx * ny)
+        .enumerate()
+        .for_each(|(k, out)| {
+            for y in 0..ny {
+                let fy = (y as f32 - maps.y0 as f32) / s;
+                if fy < 0.0 || fy > (maps.nv - 1) as f32 {
+                    continue;
+                }
+                let v0 = (fy.floor() as usize).min(maps.nv.saturating_sub(2));
+                let ty = fy - v0 as f32;
+                let v1 = (v0 + 1).min(maps.nv - 1);
+                for x in 0..nx {
+                    let fx = (x as f32 - maps.x0 as f32) / s;
+                    if fx < 0.0 || fx > (maps.nu - 1) as f32 {
+                        continue;
+                    }
+                    let u0 = (fx.floor() as usize).min(maps.nu.saturating_sub(2));
+                    let tx = fx - u0 as f32;
+                    let u1 = (u0 + 1).min(maps.nu - 1);
+                    let at =
+                        |c: usize, u: usize, v: usize| maps.probs[c][k * plane + v * maps.nu + u];
+                    let p = |c: usize| {
+                        let a = at(c, u0, v0) * (1.0 - tx) + at(c, u1, v0) * tx;
+                        let b = at(c, u0, v1) * (1.0 - tx) + at(c, u1, v1) * tx;
+                        a * (1.0 - ty) + b * ty
+                    };
+                    let (p0, p1, p2) = (p(0), p(1), p(2));
+                    out[x + nx * y] = if p1 + p2 < p0 {
+                        0
+                    } else if p2 >= tumour_threshold {
+                        2
+                    } else {
+                        1
+                    };
+                }
+            }
+        });
+    labels
+}
+
+/// Segments a CT volume: probabilities, reassembly, post-processing.
+pub fn segment(
+    net: &Classifier,
+    ct: &CtVolume,
+    opts: &InferOptions,
+    device: Device,
+) -> LabelVolume {
+    let maps = probabilities(net, ct, opts, device);
+    let t = opts
+        .tumour_threshold
+        .unwrap_or_else(|| net.tumour_threshold());
+    mask_from(&maps, ct, opts, t)
+}
+
+/// Reassembly and post-processing of computed probabilities.
+pub fn mask_from(
+    maps: &ProbabilityMaps,
+    ct: &CtVolume,
+    opts: &InferOptions,
+    tumour_threshold: f32,
+) -> LabelVolume {
+    let labels = reassemble(maps, ct.geometry().shape(), tumour_threshold);
+    let mut mask = LabelVolume::new(ct.geometry().clone(), labels).expect("labels match the grid");
+    lesions::keep_largest_liver(&mut mask);
+    lesions::drop_tumour_outside_liver(&mut mask, opts.tumour_margin_mm);
+    lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
+    mask
+}
