@@ -317,21 +317,13 @@ pub fn reassemble(maps: &ProbabilityMaps, shape: [usize; 3], tumour_threshold: f
         .enumerate()
         .for_each(|(k, out)| {
             for y in 0..ny {
-                let fy = (y as f32 - maps.y0 as f32) / s;
-                if fy < 0.0 || fy > (maps.nv - 1) as f32 {
+                let Some((v0, v1, ty)) = lerp_cell(y, maps.y0, s, maps.nv) else {
                     continue;
-                }
-                let v0 = (fy.floor() as usize).min(maps.nv.saturating_sub(2));
-                let ty = fy - v0 as f32;
-                let v1 = (v0 + 1).min(maps.nv - 1);
+                };
                 for x in 0..nx {
-                    let fx = (x as f32 - maps.x0 as f32) / s;
-                    if fx < 0.0 || fx > (maps.nu - 1) as f32 {
+                    let Some((u0, u1, tx)) = lerp_cell(x, maps.x0, s, maps.nu) else {
                         continue;
-                    }
-                    let u0 = (fx.floor() as usize).min(maps.nu.saturating_sub(2));
-                    let tx = fx - u0 as f32;
-                    let u1 = (u0 + 1).min(maps.nu - 1);
+                    };
                     let at =
                         |c: usize, u: usize, v: usize| maps.probs[c][k * plane + v * maps.nu + u];
                     let p = |c: usize| {
@@ -351,6 +343,17 @@ pub fn reassemble(maps: &ProbabilityMaps, shape: [usize; 3], tumour_threshold: f
             }
         });
     labels
+}
+
+/// The two grid nodes around pixel `p` of a grid starting at `origin` with spacing `s` and `n`
+/// nodes, and the weight of the second; None outside the grid.
+fn lerp_cell(p: usize, origin: usize, s: f32, n: usize) -> Option<(usize, usize, f32)> {
+    let f = (p as f32 - origin as f32) / s;
+    if f < 0.0 || f > (n - 1) as f32 {
+        return None;
+    }
+    let i0 = (f.floor() as usize).min(n.saturating_sub(2));
+    Some((i0, (i0 + 1).min(n - 1), f - i0 as f32))
 }
 
 /// Segments a CT volume: probabilities, reassembly, post-processing.

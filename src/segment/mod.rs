@@ -114,7 +114,10 @@ pub struct Classifier {
 }
 
 enum Imp {
-    Native { vs: nn::VarStore, net: net::Vgg },
+    Native {
+        vs: nn::VarStore,
+        net: Box<net::Vgg>,
+    },
     Script(tch::CModule),
 }
 
@@ -141,7 +144,10 @@ impl Classifier {
         Classifier {
             card,
             dir: PathBuf::new(),
-            imp: Imp::Native { vs, net },
+            imp: Imp::Native {
+                vs,
+                net: Box::new(net),
+            },
             device,
             kind: Kind::Float,
         }
@@ -225,7 +231,10 @@ impl Classifier {
             if kind == Kind::BFloat16 {
                 vs.bfloat16();
             }
-            Imp::Native { vs, net }
+            Imp::Native {
+                vs,
+                net: Box::new(net),
+            }
         };
         Ok(Classifier {
             card,
@@ -285,9 +294,10 @@ impl Classifier {
     }
 
     /// Writes this (native) model as TorchScript: `out/model.pt` traced from the network, and
-    /// a card naming it. The contract of such a model is in `docs/model.md`.
+    /// a card naming it. The contract of such a model is in `docs/model.md`. The weights are
+    /// frozen (no gradients) from then on: the tracer stores them as constants.
     pub fn export_torchscript(&self, out: &Path) -> Result<ModelCard, ModelError> {
-        let Imp::Native { net, .. } = &self.imp else {
+        let Imp::Native { net, vs } = &self.imp else {
             return Err(ModelError::Input {
                 what: "export".into(),
                 reason: "the model is TorchScript already".into(),
@@ -298,6 +308,9 @@ impl Classifier {
             reason: e,
         };
         std::fs::create_dir_all(out).map_err(|e| werr(e.to_string()))?;
+        for (_, v) in vs.variables() {
+            let _ = v.set_requires_grad(false);
+        }
         let p = self.arch().patch;
         let example = Tensor::zeros(
             [1, self.arch().in_channels, p + 8, p + 8],

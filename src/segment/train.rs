@@ -20,6 +20,9 @@ use crate::metrics;
 use crate::volume::phantom::Rng;
 use crate::volume::{CtVolume, LabelVolume, NiftiError, ReadLimits, label};
 
+/// (score, a copy of the weights, epoch) of the best epoch so far.
+type BestEpoch = (f64, Vec<(String, Tensor)>, usize);
+
 /// Training settings (the CLI's defaults are the documented ones).
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
@@ -332,7 +335,7 @@ pub fn train(
     let n = opts.crop_outputs.max(1);
     let crop = arch.patch + 2 * (n - 1);
     let mut history = Vec::new();
-    let mut best: Option<(f64, Vec<(String, Tensor)>, usize)> = None;
+    let mut best: Option<BestEpoch> = None;
     let infer_opts = InferOptions::default();
 
     for epoch in 1..=opts.epochs {

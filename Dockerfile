@@ -1,0 +1,25 @@
+# hepaflow in one image: the binary, libtorch from the PyTorch wheel (CPU set), the demo model.
+# docker compose up demo   -> runs the main job on synthetic studies, results in the volume.
+FROM rust:1.95-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/hepaflow
+RUN python3 -m venv .venv-torch && .venv-torch/bin/pip install --no-cache-dir --no-deps \
+    torch==2.13.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+COPY . .
+ENV LIBTORCH=/opt/hepaflow/.venv-torch/lib/python3.11/site-packages/torch
+RUN cargo build --release --locked && cp target/release/hepaflow /usr/local/bin/ && rm -rf target
+
+FROM debian:bookworm-slim
+# libtorch stays at the path the binary's rpath names.
+COPY --from=build /opt/hepaflow/.venv-torch/lib/python3.11/site-packages /opt/hepaflow/.venv-torch/lib/python3.11/site-packages
+COPY --from=build /usr/local/bin/hepaflow /usr/local/bin/hepaflow
+COPY models /opt/hepaflow/models
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --home /var/lib/hepaflow hepaflow && mkdir -p /var/lib/hepaflow \
+    && chown hepaflow /var/lib/hepaflow
+USER hepaflow
+WORKDIR /var/lib/hepaflow
+ENV HEPAFLOW_DATA_DIR=/var/lib/hepaflow
+ENTRYPOINT ["hepaflow"]
+CMD ["--help"]
