@@ -120,7 +120,8 @@ pub fn channels(slices: &Tensor, spec: &InputSpec, k: i64) -> Tensor {
 }
 
 /// The body's bounding box in x and y over all slices (HU > −500), grown by `margin`,
-/// starting at an even pixel; None when the image holds no body.
+/// starting at a multiple of 4 (so stride grids up to 4 line up across modes and runs); None
+/// when the image holds no body.
 fn body_box(ct: &CtVolume, margin: usize) -> Option<([usize; 2], [usize; 2])> {
     let [nx, ny, _] = ct.geometry().shape();
     let (mut lo, mut hi) = ([usize::MAX; 2], [0usize; 2]);

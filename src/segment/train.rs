@@ -149,7 +149,7 @@ fn load_study(
     patch: i64,
     rng: &mut Rng,
 ) -> Study {
-    let [nx, ny, nz] = ct.geometry().shape();
+    let [nx, ny, _] = ct.geometry().shape();
     let l = mask.labels();
     let hu = ct.hu();
     let (mut tumour, mut boundary, mut liver, mut near, mut body) =
@@ -199,7 +199,6 @@ fn load_study(
         subsample(near, 50_000, rng),
         subsample(body, 50_000, rng),
     ];
-    let _ = nz;
     Study {
         slices: infer::prepare(ct, spec, patch),
         labels: l.to_vec(),
@@ -278,7 +277,7 @@ pub fn train(
         order.swap(i, rng.below(i + 1));
     }
     let n_val = (studies.len() / 6).max(1);
-    let (val_idx, train_idx) = order.split_at(n_val);
+    let val_idx = &order[..n_val];
 
     let mut data_record = Vec::new();
     let mut train_set = Vec::new();
@@ -307,7 +306,6 @@ pub fn train(
             train_set.push(load_study(&ct, &mask, &spec, arch.patch, &mut rng));
         }
     }
-    let _ = train_idx;
     tracing::info!(
         train = train_set.len(),
         validation = val_set.len(),
