@@ -104,6 +104,12 @@ pub struct InferArgs {
     /// Tumour probability threshold (default: the model card's calibrated value).
     #[arg(long)]
     pub tumour_threshold: Option<f32>,
+    /// Tumour components smaller than this become liver (mL).
+    #[arg(long, default_value_t = InferOptions::default().min_tumour_ml)]
+    pub min_tumour_ml: f64,
+    /// Tumour farther than this from liver tissue is dropped (mm).
+    #[arg(long, default_value_t = InferOptions::default().tumour_margin_mm)]
+    pub tumour_margin_mm: f64,
 }
 
 impl InferArgs {
@@ -119,6 +125,8 @@ impl InferArgs {
             stride: self.stride,
             half_precision: !self.fp32,
             tumour_threshold: self.tumour_threshold,
+            min_tumour_ml: self.min_tumour_ml,
+            tumour_margin_mm: self.tumour_margin_mm,
             ..InferOptions::default()
         })
     }
