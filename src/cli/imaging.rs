@@ -202,14 +202,9 @@ pub struct PreviewArgs {
 pub fn preview(args: PreviewArgs, settings: &Settings) -> CmdResult {
     let limits = &settings.read_limits;
     let ct = CtVolume::read(&args.ct, limits).map_err(bad_input)?;
-    let mask = match &args.mask {
-        Some(p) => {
-            let m = LabelVolume::read(p, limits).map_err(bad_input)?;
-            same_grid(ct.geometry(), m.geometry(), p, "CT")?;
-            Some(m)
-        }
-        None => None,
-    };
+    let mask = read_companion(args.mask.as_deref(), ct.geometry(), "CT", |p| {
+        LabelVolume::read(p, limits).map(|m| (m.geometry().clone(), m))
+    })?;
     let nz = ct.geometry().shape()[2];
     let k = args
         .slice
@@ -257,17 +252,25 @@ fn same_grid(
     )))
 }
 
+/// Reads an optional second volume that must lie on `reference`'s grid.
+fn read_companion<T>(
+    path: Option<&std::path::Path>,
+    reference: &crate::volume::Geometry,
+    what: &str,
+    read: impl FnOnce(&std::path::Path) -> Result<(crate::volume::Geometry, T), NiftiError>,
+) -> Result<Option<T>, Failure> {
+    let Some(p) = path else { return Ok(None) };
+    let (g, v) = read(p).map_err(bad_input)?;
+    same_grid(reference, &g, p, what)?;
+    Ok(Some(v))
+}
+
 pub fn lesions(args: LesionsArgs, settings: &Settings) -> CmdResult {
     let limits = &settings.read_limits;
     let mask = LabelVolume::read(&args.mask, limits).map_err(bad_input)?;
-    let ct = match &args.ct {
-        Some(p) => {
-            let ct = CtVolume::read(p, limits).map_err(bad_input)?;
-            same_grid(mask.geometry(), ct.geometry(), p, "mask")?;
-            Some(ct)
-        }
-        None => None,
-    };
+    let ct = read_companion(args.ct.as_deref(), mask.geometry(), "mask", |p| {
+        CtVolume::read(p, limits).map(|c| (c.geometry().clone(), c))
+    })?;
     let report = lesions::analyze(&mask, ct.as_ref());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -312,15 +312,7 @@ impl NiftiFile {
             });
         }
         let n_bytes = n_vox * datatype.size();
-        let mut raw = Vec::new();
-        raw.try_reserve_exact(n_bytes)
-            .map_err(|_| NiftiError::TooLarge {
-                file: file.into(),
-                what: "the voxel array (allocation failed)".into(),
-                bytes: n_bytes as u128,
-                limit: limits.max_decoded_bytes,
-            })?;
-        raw.resize(n_bytes, 0);
+        let mut raw = allocate(n_bytes, 0u8, file, "voxel data")?;
         let got = read_full(r, &mut raw).map_err(|e| stream_error(file, e))?;
         if got < n_bytes {
             return Err(NiftiError::Truncated {
@@ -401,15 +393,7 @@ impl NiftiFile {
 
     /// The scaled values as a CT volume (f32, Hounsfield units for CT).
     pub fn into_ct(self) -> Result<CtVolume, NiftiError> {
-        let n = self.geometry.len();
-        let mut hu = Vec::new();
-        hu.try_reserve_exact(n).map_err(|_| NiftiError::TooLarge {
-            file: self.file.clone(),
-            what: "the float32 voxel array (allocation failed)".into(),
-            bytes: (n as u128) * 4,
-            limit: 0,
-        })?;
-        hu.resize(n, 0.0f32);
+        let mut hu = allocate(self.geometry.len(), 0.0f32, &self.file, "float32 voxels")?;
         let size = self.datatype.size();
         let (dt, swap, m, b) = (self.datatype, self.swap, self.scl_slope, self.scl_inter);
         const CHUNK: usize = 1 << 16;
@@ -457,6 +441,21 @@ impl NiftiFile {
         }
         Ok(LabelVolume::new(self.geometry, labels).expect("length matches the geometry"))
     }
+}
+
+/// A vector of `n` copies of `fill`, or an error naming the file when memory runs out (instead
+/// of aborting the process).
+fn allocate<T: Clone>(n: usize, fill: T, file: &str, what: &str) -> Result<Vec<T>, NiftiError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| NiftiError::Io {
+        file: file.into(),
+        source: io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!("out of memory for {n} values of {what}"),
+        ),
+    })?;
+    v.resize(n, fill);
+    Ok(v)
 }
 
 /// Decodes `bytes` of datatype `dt` into `out`, mapping each value (as f64) through `f`.

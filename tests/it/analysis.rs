@@ -36,34 +36,26 @@ fn same(path: &str, got: &Value, want: &Value, rel: f64) {
 fn lesions_and_metrics_agree_with_the_scipy_reference() {
     let dir = tempdir();
     run_py("metrics_reference.py", &[dir.path()]);
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("expected.json")).unwrap())
-            .unwrap();
+    let expected = read_json(&dir.path().join("expected.json"));
     let cases = expected.as_object().unwrap();
     assert!(cases.len() >= 6);
     for (name, want) in cases {
         let f = |kind: &str| dir.path().join(format!("{name}-{kind}.nii.gz"));
-        let mut c = hepaflow();
-        let o = c
-            .args(["metrics", "--json", "--truth"])
-            .arg(f("truth"))
-            .arg("--pred")
-            .arg(f("pred"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{name}: {}", stderr(&o));
-        let got: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let got = json_of(
+            hepaflow()
+                .args(["metrics", "--json", "--truth"])
+                .arg(f("truth"))
+                .arg("--pred")
+                .arg(f("pred")),
+        );
         same(&format!("{name}.metrics"), &got, &want["metrics"], 1e-6);
-
-        let o = hepaflow()
-            .args(["lesions", "--json", "--mask"])
-            .arg(f("truth"))
-            .arg("--ct")
-            .arg(f("ct"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{name}: {}", stderr(&o));
-        let got: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let got = json_of(
+            hepaflow()
+                .args(["lesions", "--json", "--mask"])
+                .arg(f("truth"))
+                .arg("--ct")
+                .arg(f("ct")),
+        );
         same(&format!("{name}.lesions"), &got, &want["lesions"], 1e-6);
     }
 }

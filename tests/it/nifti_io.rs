@@ -9,19 +9,15 @@ use hepaflow::volume::{LabelVolume, NiftiFile, ReadLimits};
 fn inspect_agrees_with_nibabel_on_files_it_wrote() {
     let dir = tempdir();
     run_py("nibabel_cases.py", &[dir.path()]);
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("expected.json")).unwrap())
-            .unwrap();
+    let expected = read_json(&dir.path().join("expected.json"));
     let cases = expected.as_object().unwrap();
     assert!(cases.len() >= 12, "only {} cases", cases.len());
     for (name, want) in cases {
-        let out = hepaflow()
-            .args(["inspect", "--json"])
-            .arg(dir.path().join(name))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{name}: {}", stderr(&out));
-        let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got = json_of(
+            hepaflow()
+                .args(["inspect", "--json"])
+                .arg(dir.path().join(name)),
+        );
         assert_eq!(got["shape"], want["shape"], "{name}: shape");
         assert_eq!(got["format"], want["format"], "{name}: format");
         for i in 0..3 {

@@ -55,3 +55,15 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn close(a: f64, b: f64, rel: f64) -> bool {
     (a - b).abs() <= rel * (1.0 + a.abs().max(b.abs()))
 }
+
+/// Runs a command that must succeed and prints JSON on stdout; returns the JSON.
+pub fn json_of(cmd: &mut Command) -> serde_json::Value {
+    let o = cmd.output().expect("command starts");
+    assert!(o.status.success(), "{cmd:?}: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("JSON on stdout")
+}
+
+/// Reads a JSON file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("readable")).expect("JSON")
+}
