@@ -1,4 +1,8 @@
-//! Settings: embedded defaults, overridden by `HEPAFLOW_*` environment variables.
+//! Settings: embedded defaults, overridden by `HEPAFLOW_*` environment variables and
+//! `DATABASE_URL`.
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::volume::ReadLimits;
 
@@ -7,6 +11,50 @@ use crate::volume::ReadLimits;
 pub struct Settings {
     /// Bounds for reading untrusted NIfTI files (`HEPAFLOW_MAX_DECODED_BYTES`).
     pub read_limits: ReadLimits,
+    /// The data folder: inbox, artifacts, quarantine, embedded Postgres, mail
+    /// (`HEPAFLOW_DATA_DIR`, default `./var`).
+    pub data_dir: PathBuf,
+    /// An external Postgres server (`DATABASE_URL`); without it hepaflow runs its own cluster
+    /// under `<data>/pg`.
+    pub database_url: Option<String>,
+    /// The schedule files (`HEPAFLOW_JOBS_DIR`, default `./jobs`).
+    pub jobs_dir: PathBuf,
+    /// The model registered and activated when the registry is empty
+    /// (`HEPAFLOW_DEFAULT_MODEL`, default `./models/demo`).
+    pub default_model: PathBuf,
+    /// Job queue timings.
+    pub queue: QueueSettings,
+    /// An inbox file counts as complete once unchanged for this long, or when a `NAME.done`
+    /// marker exists (`HEPAFLOW_INBOX_SETTLE_MS`, default 2000).
+    pub inbox_settle: Duration,
+}
+
+/// Job queue timings (`HEPAFLOW_LEASE_MS`, `HEPAFLOW_POLL_MS`, `HEPAFLOW_RETRY_BASE_MS`,
+/// `HEPAFLOW_GRACE_MS`).
+#[derive(Clone, Debug)]
+pub struct QueueSettings {
+    /// How long a claimed job stays owned without a heartbeat (default 60 s); heartbeats
+    /// every third of it.
+    pub lease: Duration,
+    /// Polling fallback when no notification arrives (default 1 s).
+    pub poll: Duration,
+    /// First retry delay; doubles with each attempt, ±25 % jitter, at most one hour
+    /// (default 10 s).
+    pub retry_base: Duration,
+    /// On SIGTERM, how long running jobs may take to finish before they are released
+    /// (default 30 s).
+    pub grace: Duration,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            lease: Duration::from_secs(60),
+            poll: Duration::from_secs(1),
+            retry_base: Duration::from_secs(10),
+            grace: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A setting that could not be understood.
@@ -28,7 +76,45 @@ impl Settings {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut s = Settings {
             read_limits: ReadLimits::default(),
+            data_dir: PathBuf::from("var"),
+            database_url: None,
+            jobs_dir: PathBuf::from("jobs"),
+            default_model: PathBuf::from("models/demo"),
+            queue: QueueSettings::default(),
+            inbox_settle: Duration::from_secs(2),
         };
+        let nonempty = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
+        if let Some(v) = nonempty("HEPAFLOW_DATA_DIR") {
+            s.data_dir = PathBuf::from(v);
+        }
+        s.database_url = nonempty("DATABASE_URL");
+        if let Some(v) = nonempty("HEPAFLOW_JOBS_DIR") {
+            s.jobs_dir = PathBuf::from(v);
+        }
+        if let Some(v) = nonempty("HEPAFLOW_DEFAULT_MODEL") {
+            s.default_model = PathBuf::from(v);
+        }
+        let millis = |name: &str, slot: &mut Duration| -> Result<(), ConfigError> {
+            if let Some(v) = nonempty(name) {
+                let ms: u64 =
+                    v.trim()
+                        .parse()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| ConfigError {
+                            name: name.into(),
+                            value: v.clone(),
+                            reason: "expected a positive number of milliseconds".into(),
+                        })?;
+                *slot = Duration::from_millis(ms);
+            }
+            Ok(())
+        };
+        millis("HEPAFLOW_LEASE_MS", &mut s.queue.lease)?;
+        millis("HEPAFLOW_POLL_MS", &mut s.queue.poll)?;
+        millis("HEPAFLOW_RETRY_BASE_MS", &mut s.queue.retry_base)?;
+        millis("HEPAFLOW_GRACE_MS", &mut s.queue.grace)?;
+        millis("HEPAFLOW_INBOX_SETTLE_MS", &mut s.inbox_settle)?;
         const MAX: &str = "HEPAFLOW_MAX_DECODED_BYTES";
         if let Some(v) = lookup(MAX) {
             s.read_limits.max_decoded_bytes = parse_bytes(&v).ok_or_else(|| ConfigError {
@@ -71,5 +157,8 @@ mod tests {
     fn bad_value_names_the_setting() {
         let e = Settings::from_lookup(|_| Some("x".into())).unwrap_err();
         assert!(e.to_string().contains("HEPAFLOW_MAX_DECODED_BYTES"));
+        let e =
+            Settings::from_lookup(|k| (k == "HEPAFLOW_LEASE_MS").then(|| "-5".into())).unwrap_err();
+        assert!(e.to_string().contains("HEPAFLOW_LEASE_MS"), "{e}");
     }
 }

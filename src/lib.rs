@@ -18,5 +18,8 @@ pub mod config;
 pub mod fsutil;
 pub mod lesions;
 pub mod metrics;
+pub mod pipeline;
+pub mod queue;
 pub mod segment;
+pub mod store;
 pub mod volume;

@@ -6,6 +6,7 @@
 mod bench;
 mod imaging;
 mod model;
+mod service;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,26 @@ pub enum Command {
     Eval(model::EvalArgs),
     /// In-process timings of the imaging core, for the benchmark scripts (JSON).
     Bench(bench::BenchArgs),
+    /// Everything in one process: worker, scheduler, embedded defaults.
+    Run(service::RunArgs),
+    /// Process jobs of the given queues.
+    Worker(service::WorkerArgs),
+    /// Fire the cron schedules of jobs/*.toml.
+    Scheduler(service::SchedulerArgs),
+    /// Apply the database migrations.
+    Migrate(service::MigrateArgs),
+    /// Import studies from files or folders now.
+    Ingest(service::IngestArgs),
+    /// Studies with their state and results.
+    Studies(service::StudiesArgs),
+    /// The job queue.
+    Jobs(service::JobsArgs),
+    /// A new run of a study, linked to the previous one.
+    Rerun(service::RerunArgs),
+    /// The model registry.
+    Models(service::ModelsArgs),
+    /// The cron schedules.
+    Schedules(service::SchedulesArgs),
 }
 
 /// How a command failed: decides the exit code.
@@ -104,6 +125,16 @@ pub fn run(cli: Cli, settings: &Settings) -> CmdResult {
         Command::Train(a) => model::train(a, settings),
         Command::Segment(a) => model::segment(a, settings),
         Command::Eval(a) => model::eval(a, settings),
+        Command::Run(a) => service::run(a, settings),
+        Command::Worker(a) => service::worker(a, settings),
+        Command::Scheduler(a) => service::scheduler(a, settings),
+        Command::Migrate(a) => service::migrate(a, settings),
+        Command::Ingest(a) => service::ingest_cmd(a, settings),
+        Command::Studies(a) => service::studies_cmd(a, settings),
+        Command::Jobs(a) => service::jobs_cmd(a, settings),
+        Command::Rerun(a) => service::rerun(a, settings),
+        Command::Models(a) => service::models_cmd(a, settings),
+        Command::Schedules(a) => service::schedules_cmd(a, settings),
     }
 }
 
