@@ -156,11 +156,14 @@ CREATE TRIGGER jobs_notify_update AFTER UPDATE OF state ON jobs
     FOR EACH ROW WHEN (NEW.state = 'available' AND OLD.state <> 'available')
     EXECUTE FUNCTION jobs_notify();
 
--- What `probe` jobs did: one row per execution that committed (queue self-checks, benchmarks).
+-- What `probe` jobs did (queue self-checks and benchmarks): a `start` row when an attempt
+-- begins (autocommitted, so every execution shows) and a `commit` row written with the
+-- completion (so only the attempt that finished the job shows).
 CREATE TABLE probe_effects (
     job_id    BIGINT NOT NULL,
     attempt   INT NOT NULL,
     worker    TEXT NOT NULL,
+    phase     TEXT NOT NULL CHECK (phase IN ('start', 'commit')),
     at        TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX probe_effects_job ON probe_effects (job_id);

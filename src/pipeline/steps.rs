@@ -226,11 +226,21 @@ pub async fn digest(p: &Pipeline, job: &JobHandle) -> Result<(), JobError> {
     Ok(())
 }
 
-/// A queue self-check job: optionally sleeps, optionally fails, and records its execution in
-/// `probe_effects` in the same transaction as its completion (so each committed execution
-/// leaves exactly one row). Payload: `{"sleep_ms": N, "fail": "transient"|"permanent"}`.
+/// A queue self-check job: optionally records that it started, sleeps, fails, and records
+/// its completion in `probe_effects` in the same transaction as the completion itself.
+/// Payload: `{"record_start": bool, "sleep_ms": N, "fail": "transient"|"permanent"}`.
 pub async fn probe(job: &JobHandle) -> Result<(), JobError> {
     let p = &job.job.payload;
+    if p.get("record_start").and_then(|v| v.as_bool()) == Some(true) {
+        sqlx::query(
+            "INSERT INTO probe_effects (job_id, attempt, worker, phase) VALUES ($1, $2, $3, 'start')",
+        )
+        .bind(job.job.id)
+        .bind(job.job.attempt)
+        .bind(&job.job.worker)
+        .execute(&job.pool)
+        .await?;
+    }
     if let Some(ms) = p.get("sleep_ms").and_then(|v| v.as_u64()) {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
@@ -240,12 +250,14 @@ pub async fn probe(job: &JobHandle) -> Result<(), JobError> {
         _ => {}
     }
     let mut tx = job.begin().await?;
-    sqlx::query("INSERT INTO probe_effects (job_id, attempt, worker) VALUES ($1, $2, $3)")
-        .bind(job.job.id)
-        .bind(job.job.attempt)
-        .bind(&job.job.worker)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO probe_effects (job_id, attempt, worker, phase) VALUES ($1, $2, $3, 'commit')",
+    )
+    .bind(job.job.id)
+    .bind(job.job.attempt)
+    .bind(&job.job.worker)
+    .execute(&mut *tx)
+    .await?;
     job.commit(tx).await?;
     Ok(())
 }

@@ -92,14 +92,16 @@ pub async fn enqueue_many(
     queue: &str,
     kind: &str,
     payloads: &[Value],
+    max_attempts: i32,
 ) -> Result<u64, sqlx::Error> {
     let r = sqlx::query(
-        "INSERT INTO jobs (queue, kind, payload)
-         SELECT $1, $2, p FROM unnest($3::jsonb[]) AS p",
+        "INSERT INTO jobs (queue, kind, payload, max_attempts)
+         SELECT $1, $2, p, $4 FROM unnest($3::jsonb[]) AS p",
     )
     .bind(queue)
     .bind(kind)
     .bind(payloads)
+    .bind(max_attempts.max(1))
     .execute(conn)
     .await?;
     Ok(r.rows_affected())

@@ -3,7 +3,9 @@
 mod support;
 
 mod analysis;
+mod db;
 mod hostile;
 mod nifti_io;
 mod phantom;
+mod queue;
 mod segment;
