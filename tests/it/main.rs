@@ -9,3 +9,4 @@ mod nifti_io;
 mod phantom;
 mod queue;
 mod segment;
+mod service;
