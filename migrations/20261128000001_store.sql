@@ -138,7 +138,7 @@ CREATE TABLE jobs (
     claimed_at    TIMESTAMPTZ,
     finished_at   TIMESTAMPTZ
 );
-CREATE INDEX jobs_claim ON jobs (queue, priority, run_at, id) WHERE state = 'available';
+CREATE INDEX jobs_claim ON jobs (queue, priority DESC, run_at, id) WHERE state = 'available';
 CREATE INDEX jobs_lease ON jobs (lease_until) WHERE state = 'running';
 CREATE INDEX jobs_run ON jobs (run_id);
 CREATE INDEX jobs_state ON jobs (state, id);

@@ -27,7 +27,8 @@ apt_install() {
 
 # system_deps: what the build and the tests need from Debian.
 system_deps() {
-  apt_install ca-certificates python3 python3-venv python3-pip pkg-config
+  # postgresql-15: the server binaries for the embedded cluster and the tests' own cluster.
+  apt_install ca-certificates python3 python3-venv python3-pip pkg-config postgresql-15
 }
 
 # python_env NAME REQUIREMENTS_FILE: a venv under $VENV (NAME "" = the main one) with the

@@ -47,6 +47,8 @@ pub enum BenchCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// No-op jobs through in-process workers on Postgres: jobs/s and claim latency.
+    Queue(super::bench_queue::QueueBenchArgs),
     /// Pooled surface distances (ASSD, MSSD, HD95) of one structure.
     Surface {
         #[arg(long)]
@@ -100,8 +102,11 @@ pub fn bench(args: BenchArgs, settings: &Settings) -> CmdResult {
     {
         return modes(model, input, *stride, device, settings);
     }
+    if let BenchCommand::Queue(a) = &args.what {
+        return super::bench_queue::run(a, settings);
+    }
     let out = match args.what {
-        BenchCommand::Modes { .. } => unreachable!("handled above"),
+        BenchCommand::Modes { .. } | BenchCommand::Queue(_) => unreachable!("handled above"),
         BenchCommand::Read { file } => {
             NiftiFile::open(&file, limits).map_err(bad_input)?; // warm the page cache
             let (times, ct) = timed(args.repeat, || CtVolume::read(&file, limits));

@@ -4,6 +4,7 @@
 //! Machine-readable output goes to stdout (`--json`); logs and progress go to stderr.
 
 mod bench;
+mod bench_queue;
 mod imaging;
 mod model;
 mod service;

@@ -70,7 +70,8 @@ fn stem_of(path: &Path) -> Option<(String, &'static str)> {
     Some((name[..name.len() - ext.len()].to_string(), ext))
 }
 
-/// The NIfTI files under `paths` (folders walked recursively; hidden files skipped).
+/// The NIfTI files (`.nii`, `.nii.gz`) under `paths` (folders walked recursively; hidden
+/// files skipped).
 fn candidates(paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack: Vec<PathBuf> = paths.to_vec();
@@ -82,7 +83,8 @@ fn candidates(paths: &[PathBuf]) -> Vec<PathBuf> {
                     stack.push(e.path());
                 }
             }
-        } else if stem_of(&p).is_some() || p.is_file() {
+        } else if stem_of(&p).is_some() {
+            // Other files (`.done` markers, notes, previews) are not studies.
             out.push(p);
         }
     }
@@ -135,12 +137,6 @@ pub async fn ingest(
     for f in &files {
         let name = f.display().to_string();
         let Some((stem, _)) = stem_of(f) else {
-            out.push(Ingested {
-                file: name,
-                outcome: Outcome::Quarantined {
-                    reason: "not a NIfTI file name (.nii or .nii.gz)".into(),
-                },
-            });
             continue;
         };
         if truth_of(&stem).is_some_and(|v| {

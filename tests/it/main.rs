@@ -3,6 +3,7 @@
 mod support;
 
 mod analysis;
+mod compose;
 mod db;
 mod hostile;
 mod nifti_io;
