@@ -27,6 +27,43 @@ pub struct Settings {
     /// An inbox file counts as complete once unchanged for this long, or when a `NAME.done`
     /// marker exists (`HEPAFLOW_INBOX_SETTLE_MS`, default 2000).
     pub inbox_settle: Duration,
+    /// Email delivery.
+    pub mail: MailSettings,
+}
+
+/// Email delivery (`HEPAFLOW_SMTP_URL`, `HEPAFLOW_SMTP_USER`, `HEPAFLOW_SMTP_PASSWORD`,
+/// `HEPAFLOW_MAIL_FROM`, `HEPAFLOW_BASE_URL`, `HEPAFLOW_MAIL_ATTACH_REPORTS`,
+/// `HEPAFLOW_NOTIFY`).
+#[derive(Clone, Debug)]
+pub struct MailSettings {
+    /// `smtp://host:port` (plain, or `?tls=required` for STARTTLS) or `smtps://host:port`
+    /// (TLS); credentials in the URL or from `HEPAFLOW_SMTP_USER`/`_PASSWORD`. Without it,
+    /// emails are written as `.eml` files to `<data>/mail/`.
+    pub smtp_url: Option<String>,
+    pub smtp_user: Option<String>,
+    pub smtp_password: Option<String>,
+    pub from: String,
+    /// The dashboard's address, for the links in emails (default `http://localhost:8080`).
+    pub base_url: String,
+    /// Attach the self-contained report to study emails (default off: link only).
+    pub attach_reports: bool,
+    /// Recipients of study emails when the schedule names none (comma-separated,
+    /// default `radiology@localhost`; empty for none).
+    pub default_recipients: Vec<String>,
+}
+
+impl Default for MailSettings {
+    fn default() -> Self {
+        MailSettings {
+            smtp_url: None,
+            smtp_user: None,
+            smtp_password: None,
+            from: "hepaflow <hepaflow@localhost>".into(),
+            base_url: "http://localhost:8080".into(),
+            attach_reports: false,
+            default_recipients: vec!["radiology@localhost".into()],
+        }
+    }
 }
 
 /// Job queue timings (`HEPAFLOW_LEASE_MS`, `HEPAFLOW_POLL_MS`, `HEPAFLOW_RETRY_BASE_MS`,
@@ -82,6 +119,7 @@ impl Settings {
             default_model: PathBuf::from("models/demo"),
             queue: QueueSettings::default(),
             inbox_settle: Duration::from_secs(2),
+            mail: MailSettings::default(),
         };
         let nonempty = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
         if let Some(v) = nonempty("HEPAFLOW_DATA_DIR") {
@@ -115,6 +153,35 @@ impl Settings {
         millis("HEPAFLOW_RETRY_BASE_MS", &mut s.queue.retry_base)?;
         millis("HEPAFLOW_GRACE_MS", &mut s.queue.grace)?;
         millis("HEPAFLOW_INBOX_SETTLE_MS", &mut s.inbox_settle)?;
+        s.mail.smtp_url = nonempty("HEPAFLOW_SMTP_URL");
+        s.mail.smtp_user = nonempty("HEPAFLOW_SMTP_USER");
+        s.mail.smtp_password = lookup("HEPAFLOW_SMTP_PASSWORD");
+        if let Some(v) = nonempty("HEPAFLOW_MAIL_FROM") {
+            s.mail.from = v;
+        }
+        if let Some(v) = nonempty("HEPAFLOW_BASE_URL") {
+            s.mail.base_url = v.trim_end_matches('/').to_string();
+        }
+        if let Some(v) = nonempty("HEPAFLOW_MAIL_ATTACH_REPORTS") {
+            s.mail.attach_reports = match v.trim() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => {
+                    return Err(ConfigError {
+                        name: "HEPAFLOW_MAIL_ATTACH_REPORTS".into(),
+                        value: v,
+                        reason: "expected true or false".into(),
+                    });
+                }
+            };
+        }
+        if let Some(v) = lookup("HEPAFLOW_NOTIFY") {
+            s.mail.default_recipients = v
+                .split(',')
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect();
+        }
         const MAX: &str = "HEPAFLOW_MAX_DECODED_BYTES";
         if let Some(v) = lookup(MAX) {
             s.read_limits.max_decoded_bytes = parse_bytes(&v).ok_or_else(|| ConfigError {

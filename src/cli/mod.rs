@@ -63,6 +63,8 @@ pub enum Command {
     Models(service::ModelsArgs),
     /// The cron schedules.
     Schedules(service::SchedulesArgs),
+    /// The email outbox.
+    Mail(service::MailArgs),
 }
 
 /// How a command failed: decides the exit code.
@@ -136,6 +138,7 @@ pub fn run(cli: Cli, settings: &Settings) -> CmdResult {
         Command::Rerun(a) => service::rerun(a, settings),
         Command::Models(a) => service::models_cmd(a, settings),
         Command::Schedules(a) => service::schedules_cmd(a, settings),
+        Command::Mail(a) => service::mail_cmd(a, settings),
     }
 }
 

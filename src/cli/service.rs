@@ -185,6 +185,9 @@ async fn run_inner(args: &RunArgs, settings: &Settings, db: &Db, device: tch::De
         queues: vec![("gpu".into(), 1), ("cpu".into(), args.concurrency.max(1))],
         timings: settings.queue.clone(),
     };
+    if let Err(e) = crate::notify::Transport::from_settings(&settings.mail, &settings.data_dir) {
+        return Err(Failure::Other(e.into()));
+    }
     let stop = shutdown_on_signals();
     if !args.once {
         let sched = tokio::spawn(scheduler::run(
@@ -214,6 +217,50 @@ async fn run_inner(args: &RunArgs, settings: &Settings, db: &Db, device: tch::De
     .await
     .map_err(db_err)?;
     drop(conn);
+    work_until_idle(db, p.clone(), cfg.clone(), stop.clone()).await;
+    if !stop.is_cancelled() {
+        // The batch's digest once its studies are through.
+        let mut conn = db.pool.acquire().await.map_err(db_err)?;
+        queue::enqueue(
+            &mut conn,
+            &queue::NewJob::new("cpu", "digest", serde_json::json!({"for_batch": batch})),
+        )
+        .await
+        .map_err(db_err)?;
+        drop(conn);
+        work_until_idle(db, p.clone(), cfg, stop.clone()).await;
+    }
+    let list = studies::list(&db.pool).await.map_err(db_err)?;
+    print_studies(&list);
+    println!();
+    println!("data folder: {}", settings.data_dir.display());
+    println!(
+        "  reports (one HTML file per study, and the batch digest): {}",
+        settings.data_dir.join("reports").display()
+    );
+    if settings.mail.smtp_url.is_none() {
+        println!(
+            "  emails (.eml files): {}",
+            settings.data_dir.join("mail").display()
+        );
+    }
+    println!(
+        "  artifacts (CT copies, masks): {}",
+        p.folders.artifacts.display()
+    );
+    println!("  quarantine: {}", p.folders.quarantine.display());
+    println!("See `hepaflow studies show ID` and `hepaflow jobs list`.");
+    let failed = list.iter().filter(|s| s.state == "failed").count();
+    if failed > 0 {
+        return Err(Failure::Other(anyhow::anyhow!(
+            "{failed} studies failed; see `hepaflow jobs list --state dead` and `--state failed`"
+        )));
+    }
+    Ok(())
+}
+
+/// Runs a worker until no job is due (or `stop`), with a spinner of the queue's counts.
+async fn work_until_idle(db: &Db, p: Arc<Pipeline>, cfg: WorkerConfig, stop: CancellationToken) {
     let idle = CancellationToken::new();
     let watcher = {
         let pool = db.pool.clone();
@@ -256,25 +303,8 @@ async fn run_inner(args: &RunArgs, settings: &Settings, db: &Db, device: tch::De
             both.cancel();
         });
     }
-    worker::run(db.pool.clone(), p.clone(), cfg, both).await;
+    worker::run(db.pool.clone(), p, cfg, both).await;
     let _ = watcher.await;
-    let list = studies::list(&db.pool).await.map_err(db_err)?;
-    print_studies(&list);
-    println!();
-    println!("data folder: {}", settings.data_dir.display());
-    println!(
-        "  artifacts (CT copies, masks): {}",
-        p.folders.artifacts.display()
-    );
-    println!("  quarantine: {}", p.folders.quarantine.display());
-    println!("See `hepaflow studies show ID` and `hepaflow jobs list`.");
-    let failed = list.iter().filter(|s| s.state == "failed").count();
-    if failed > 0 {
-        return Err(Failure::Other(anyhow::anyhow!(
-            "{failed} studies failed; see `hepaflow jobs list --state dead` and `--state failed`"
-        )));
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -964,6 +994,70 @@ pub fn schedules_cmd(args: SchedulesArgs, settings: &Settings) -> CmdResult {
         .await;
         db.close().await;
         r
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct MailArgs {
+    #[command(subcommand)]
+    pub command: MailCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MailCommand {
+    /// The email outbox, newest first.
+    List {
+        /// Only this state: pending, sent, failed.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn mail_cmd(args: MailArgs, settings: &Settings) -> CmdResult {
+    runtime()?.block_on(async {
+        let db = open(settings, 2).await?;
+        let MailCommand::List { state, limit, json } = args.command;
+        let r = crate::notify::list(&db.pool, state.as_deref(), limit.max(1)).await;
+        db.close().await;
+        let rows = r.map_err(db_err)?;
+        if json {
+            return print_json(&rows);
+        }
+        table(
+            &[
+                "EMAIL",
+                "KIND",
+                "TO",
+                "STATE",
+                "ATTEMPTS",
+                "STUDY",
+                "BATCH",
+                "CREATED",
+                "LAST_ERROR",
+            ],
+            rows.iter()
+                .map(|e| {
+                    vec![
+                        e.id.to_string(),
+                        e.kind.clone(),
+                        e.recipient.clone(),
+                        e.state.clone(),
+                        e.attempts.to_string(),
+                        opt(e.study_id),
+                        opt(e.batch_id),
+                        when(e.created_at),
+                        e.last_error
+                            .clone()
+                            .map_or("-".into(), |m| m.chars().take(80).collect()),
+                    ]
+                })
+                .collect(),
+        );
+        Ok(())
     })
 }
 

@@ -247,6 +247,7 @@ async fn quarantine(
     meta: &std::fs::Metadata,
     stored: &Stored,
     reason: &str,
+    batch: Option<i64>,
 ) -> Result<(), String> {
     let dir = p.folders.quarantine.clone();
     let ext = stem_of(path).map_or(".bin", |(_, e)| e);
@@ -276,13 +277,15 @@ async fn quarantine(
     .map_err(|e| format!("quarantine: {e}"))?;
     let mut tx = p.pool.begin().await.map_err(|e| e.to_string())?;
     sqlx::query(
-        "INSERT INTO quarantine (sha256, source_name, reason, path) VALUES ($1, $2, $3, $4)
+        "INSERT INTO quarantine (sha256, source_name, reason, path, batch_id)
+         VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (sha256) DO NOTHING",
     )
     .bind(&stored.sha256)
     .bind(path.display().to_string())
     .bind(reason)
     .bind(dest.display().to_string())
+    .bind(batch)
     .execute(&mut *tx)
     .await
     .map_err(|e| e.to_string())?;
@@ -361,7 +364,7 @@ async fn ingest_volume(
         Ok(Ok(g)) => g,
         Ok(Err(e)) => {
             let reason = format!("not a usable CT volume: {e}");
-            return match quarantine(p, path, &meta, &stored, &reason).await {
+            return match quarantine(p, path, &meta, &stored, &reason, batch).await {
                 Ok(()) => (Outcome::Quarantined { reason }, None),
                 Err(q) => (error(q), None),
             };
@@ -393,7 +396,7 @@ async fn ingest_volume(
                 match problem {
                     None => truth_stored = Some((ts, tm.clone())),
                     Some(reason) => {
-                        let _ = quarantine(p, t, tm, &ts, &reason).await;
+                        let _ = quarantine(p, t, tm, &ts, &reason, batch).await;
                         truth_outcome = Some(Outcome::Quarantined { reason });
                     }
                 }
@@ -523,7 +526,7 @@ async fn attach_late_truth(p: &Pipeline, path: &Path, settle: Option<Duration>) 
     .is_some_and(|s| s.iter().zip(&shape).all(|(a, b)| *a as i32 == *b));
     if !ok {
         let reason = "not a label mask on its volume's grid".to_string();
-        let _ = quarantine(p, path, &meta, &ts, &reason).await;
+        let _ = quarantine(p, path, &meta, &ts, &reason, None).await;
         return Outcome::Quarantined { reason };
     }
     let r: Result<(), sqlx::Error> = async {

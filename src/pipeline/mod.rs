@@ -66,12 +66,15 @@ pub struct Pipeline {
     pub store: ArtifactStore,
     device: tch::Device,
     model: tokio::sync::Mutex<Option<Loaded>>,
+    transport: Result<crate::notify::Transport, String>,
 }
 
 impl Pipeline {
     pub fn new(pool: PgPool, settings: Settings, device: tch::Device) -> Self {
         let folders = Folders::new(&settings);
         let store = ArtifactStore::new(&folders.artifacts);
+        let transport = crate::notify::Transport::from_settings(&settings.mail, &settings.data_dir)
+            .map_err(|e| e.to_string());
         Pipeline {
             pool,
             settings,
@@ -79,7 +82,13 @@ impl Pipeline {
             store,
             device,
             model: tokio::sync::Mutex::new(None),
+            transport,
         }
+    }
+
+    /// The mail transport (an invalid mail configuration fails the email jobs with its reason).
+    pub fn transport(&self) -> Result<crate::notify::Transport, JobError> {
+        self.transport.clone().map_err(JobError::permanent)
     }
 
     /// The classifier of model `id`, loaded once per worker (and reloaded when the run asks
@@ -124,6 +133,7 @@ impl Handler for Pipeline {
             "report" => steps::report(self, &job, run_id(&job)?).await,
             "notify" => steps::notify(self, &job, run_id(&job)?).await,
             "digest" => steps::digest(self, &job).await,
+            "send_email" => steps::send_email(self, &job).await,
             "noop" => Ok(()),
             "probe" => steps::probe(&job).await,
             other => Err(JobError::permanent(format!("unknown job kind {other:?}"))),
@@ -131,6 +141,20 @@ impl Handler for Pipeline {
     }
 
     async fn gave_up(&self, job: GaveUp) {
+        if job.kind == "send_email" {
+            let r = sqlx::query(
+                "UPDATE emails SET state = 'failed', last_error = coalesce(last_error, $2)
+                 WHERE id = (SELECT (payload->>'email_id')::bigint FROM jobs WHERE id = $1)
+                   AND state = 'pending'",
+            )
+            .bind(job.id)
+            .bind(&job.error)
+            .execute(&self.pool)
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(job = job.id, error = %e, "cannot mark the email failed");
+            }
+        }
         if let Some(run) = job.run_id {
             let msg = format!("{} step: {}", job.kind, job.error);
             if let Err(e) = runs::failed(&self.pool, run, &msg).await {

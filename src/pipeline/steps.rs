@@ -3,8 +3,6 @@
 
 use std::time::Instant;
 
-use serde_json::json;
-
 use super::{Pipeline, step_job};
 use crate::lesions;
 use crate::metrics;
@@ -181,20 +179,142 @@ pub async fn analyze(p: &Pipeline, job: &JobHandle, run: i64) -> Result<(), JobE
     Ok(())
 }
 
-/// The report step. Rendering arrives with the reports module; until then the step records
-/// that the run's results are complete and moves on.
+/// Where a finished report is kept for people: `<data>/reports/NAME` (also an artifact).
+fn publish(dir: &std::path::Path, name: &str, html: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        crate::fsutil::unique_suffix()
+    ));
+    std::fs::write(&tmp, html)?;
+    crate::fsutil::commit_temp(&tmp, &dir.join(name))
+}
+
+/// The report step: renders the study report (HTML with embedded pictures), stores it, and
+/// writes the outbox emails that announce it in the same transaction.
 pub async fn report(p: &Pipeline, job: &JobHandle, run: i64) -> Result<(), JobError> {
-    if load(p, run).await?.is_none() {
+    let Some(info) = load(p, run).await? else {
         return Ok(());
-    }
+    };
+    let mask_rel = info
+        .mask_path
+        .clone()
+        .ok_or_else(|| JobError::permanent(format!("run {run} has no mask to report")))?;
+    let (model_name, model_version, weights): (String, String, String) =
+        sqlx::query_as("SELECT name, version, weights_sha256 FROM models WHERE id = $1")
+            .bind(info.model_id)
+            .fetch_one(&p.pool)
+            .await?;
+    let (input_sha, notify, timings): (String, Vec<String>, serde_json::Value) = sqlx::query_as(
+        "SELECT s.sha256, s.notify, r.timings FROM runs r JOIN studies s ON s.id = r.study_id
+         WHERE r.id = $1",
+    )
+    .bind(run)
+    .fetch_one(&p.pool)
+    .await?;
+    let provenance = crate::report::Provenance {
+        model_name,
+        model_version,
+        weights_sha256: weights,
+        code_version: env!("CARGO_PKG_VERSION").to_string(),
+        parameters: info.params.to_string(),
+        timings: timings.to_string(),
+        input_sha256: input_sha,
+        run_id: run,
+    };
+    let ct_path = p.store.path(&info.ct_path);
+    let mask_path = p.store.path(&mask_rel);
+    let truth_path = info.truth_path.as_ref().map(|t| p.store.path(t));
+    let limits = p.settings.read_limits;
+    let store = p.store.clone();
+    let study = info.study_id;
+    let reports_dir = p.settings.data_dir.join("reports");
+    let t = Instant::now();
+    let stored = tokio::task::spawn_blocking(move || -> Result<_, JobError> {
+        let ct = CtVolume::read(&ct_path, &limits).map_err(nifti_err("CT volume"))?;
+        let mask = LabelVolume::read(&mask_path, &limits).map_err(nifti_err("mask"))?;
+        let truth = match truth_path {
+            Some(tp) => Some(LabelVolume::read(&tp, &limits).map_err(nifti_err("ground truth"))?),
+            None => None,
+        };
+        let m = match &truth {
+            Some(tr) => Some(
+                metrics::evaluate(tr, &mask)
+                    .map_err(|e| JobError::permanent(format!("ground truth: {e}")))?,
+            ),
+            None => None,
+        };
+        let html = crate::report::render_study(&crate::report::StudyInput {
+            study_label: format!("Study {study}"),
+            processed: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+            ct: &ct,
+            mask: &mask,
+            truth: truth.as_ref(),
+            metrics: m.as_ref(),
+            provenance,
+            max_figures: 6,
+        })
+        .map_err(|e| JobError::permanent(format!("report: {e}")))?;
+        let stored = store
+            .put_bytes(html.as_bytes(), ".html")
+            .map_err(|e| JobError::transient(e.to_string()))?;
+        publish(
+            &reports_dir,
+            &format!("study-{study}-run-{run}.html"),
+            html.as_bytes(),
+        )
+        .map_err(|e| JobError::transient(format!("reports folder: {e}")))?;
+        Ok(stored)
+    })
+    .await
+    .map_err(blocking_err)??;
+    let ms = t.elapsed().as_millis() as u64;
+    let recipients = if notify.is_empty() {
+        p.settings.mail.default_recipients.clone()
+    } else {
+        notify
+    };
     let mut tx = job.begin().await?;
-    runs::advance(&mut tx, run, "notify", "report", 0).await?;
+    let report = artifacts::record(&mut tx, "report", &stored).await?;
+    sqlx::query("UPDATE runs SET report_artifact = $2 WHERE id = $1")
+        .bind(run)
+        .bind(report)
+        .execute(&mut *tx)
+        .await?;
+    let (subject, text, html) = crate::notify::study_message(&p.settings.mail.base_url, study, run);
+    for to in &recipients {
+        crate::notify::enqueue(
+            &mut tx,
+            &crate::notify::NewEmail {
+                kind: "study",
+                recipient: to,
+                subject: subject.clone(),
+                body_text: text.clone(),
+                body_html: html.clone(),
+                attachment: Some(report),
+                study_id: Some(study),
+                run_id: Some(run),
+                batch_id: None,
+            },
+            &p.settings.mail.from,
+        )
+        .await?;
+    }
+    runs::advance(&mut tx, run, "notify", "report", ms).await?;
     crate::queue::enqueue(&mut tx, &step_job("notify", run)).await?;
     job.commit(tx).await?;
+    tracing::info!(
+        run,
+        duration_ms = ms,
+        emails = recipients.len(),
+        "report written"
+    );
     Ok(())
 }
 
-/// The notify step: closes the run. Email delivery arrives with the notify module.
+/// The notify step: the run's emails are in the outbox (each delivered by its own
+/// `send_email` job); the run is complete.
 pub async fn notify(p: &Pipeline, job: &JobHandle, run: i64) -> Result<(), JobError> {
     if load(p, run).await?.is_none() {
         return Ok(());
@@ -206,23 +326,215 @@ pub async fn notify(p: &Pipeline, job: &JobHandle, run: i64) -> Result<(), JobEr
     Ok(())
 }
 
-/// The digest of a schedule's batches: counts what the batches since the previous digest
-/// hold and records it on the job (rendering and mail arrive with the reports module).
+/// Delivers one outbox email.
+pub async fn send_email(p: &Pipeline, job: &JobHandle) -> Result<(), JobError> {
+    let id = job
+        .job
+        .payload
+        .get("email_id")
+        .and_then(|v| v.as_i64())
+        .ok_or_else(|| JobError::permanent("payload has no email_id"))?;
+    let Some(email) = crate::notify::get(&p.pool, id).await? else {
+        return Err(JobError::permanent(format!("email {id} does not exist")));
+    };
+    if email.state == "sent" {
+        return Ok(());
+    }
+    if email.state == "failed" {
+        // Retried by hand.
+        sqlx::query("UPDATE emails SET state = 'pending' WHERE id = $1")
+            .bind(id)
+            .execute(&p.pool)
+            .await?;
+    }
+    let transport = p.transport()?;
+    let attachment = match (p.settings.mail.attach_reports, email.attachment) {
+        (true, Some(a)) => {
+            let rel = {
+                let mut c = p.pool.acquire().await?;
+                artifacts::path_of(&mut c, a).await?
+            };
+            let bytes = tokio::fs::read(p.store.path(&rel))
+                .await
+                .map_err(|e| JobError::transient(format!("report file: {e}")))?;
+            Some((
+                format!("hepaflow-report-study-{}.html", email.study_id.unwrap_or(0)),
+                bytes,
+            ))
+        }
+        _ => None,
+    };
+    let sent = match crate::notify::build(&email, &p.settings.mail.from, attachment) {
+        Ok(msg) => crate::notify::deliver(&transport, &email, msg).await,
+        Err(e) => Err(e),
+    };
+    match sent {
+        Ok(()) => {
+            let mut tx = job.begin().await?;
+            sqlx::query(
+                "UPDATE emails SET state = 'sent', sent_at = now(), attempts = attempts + 1,
+                     last_error = NULL WHERE id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            job.commit(tx).await?;
+            tracing::info!(email = id, "email sent");
+            Ok(())
+        }
+        Err(e) => {
+            crate::notify::record_failure(&p.pool, id, &e.message, e.permanent).await?;
+            Err(if e.permanent {
+                JobError::permanent(e.message)
+            } else {
+                JobError::transient(e.message)
+            })
+        }
+    }
+}
+
+/// The digest: one page per finished batch that has none yet (its studies, failures and
+/// accuracy), stored and announced to the digest's recipients.
 pub async fn digest(p: &Pipeline, job: &JobHandle) -> Result<(), JobError> {
-    let summary: (i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE state = 'done'),
-                count(*) FILTER (WHERE state = 'failed')
-         FROM runs WHERE created_at > now() - interval '1 day'",
+    let own_batch = job.job.payload.get("batch_id").and_then(|b| b.as_i64());
+    let only = job.job.payload.get("for_batch").and_then(|b| b.as_i64());
+    let recipients: Vec<String> = match own_batch {
+        Some(b) => sqlx::query_scalar("SELECT notify FROM batches WHERE id = $1")
+            .bind(b)
+            .fetch_optional(&p.pool)
+            .await?
+            .unwrap_or_default(),
+        None => vec![],
+    };
+    let recipients = if recipients.is_empty() {
+        p.settings.mail.default_recipients.clone()
+    } else {
+        recipients
+    };
+    // Batches whose runs have all finished and that have no digest yet.
+    let batches: Vec<i64> = sqlx::query_scalar(
+        "SELECT b.id FROM batches b
+         WHERE b.digest_artifact IS NULL AND ($1::bigint IS NULL OR b.id = $1)
+           AND EXISTS (SELECT 1 FROM runs r WHERE r.batch_id = b.id)
+           AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.batch_id = b.id
+                           AND r.state IN ('pending', 'running'))
+         ORDER BY b.id",
     )
-    .fetch_one(&p.pool)
+    .bind(only)
+    .fetch_all(&p.pool)
     .await?;
-    let mut tx = job.begin().await?;
-    sqlx::query("UPDATE jobs SET payload = payload || $2 WHERE id = $1")
-        .bind(job.job.id)
-        .bind(json!({"runs": summary.0, "done": summary.1, "failed": summary.2}))
-        .execute(&mut *tx)
+    for batch in batches {
+        type Row = (
+            i64,
+            i64,
+            String,
+            Option<i32>,
+            Option<f64>,
+            Option<f64>,
+            Option<f64>,
+            Option<f64>,
+            Option<serde_json::Value>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT r.study_id, r.id, r.state, r.lesion_count, r.liver_ml, r.tumour_ml,
+                    x.liver_dice, x.tumour_dice, x.detail, r.error
+             FROM runs r LEFT JOIN metrics x ON x.run_id = r.id
+             WHERE r.batch_id = $1 ORDER BY r.study_id",
+        )
+        .bind(batch)
+        .fetch_all(&p.pool)
         .await?;
-    job.commit(tx).await?;
+        let quarantined: Vec<(String, String)> =
+            sqlx::query_as("SELECT sha256, reason FROM quarantine WHERE batch_id = $1 ORDER BY id")
+                .bind(batch)
+                .fetch_all(&p.pool)
+                .await?;
+        let studies: Vec<crate::report::digest::DigestStudy> = rows
+            .iter()
+            .map(|r| crate::report::digest::DigestStudy {
+                study: r.0,
+                run: r.1,
+                state: r.2.clone(),
+                lesions: r.3,
+                liver_ml: r.4,
+                tumour_ml: r.5,
+                liver_dice: r.6,
+                tumour_dice: r.7,
+                truth_liver_ml: r
+                    .8
+                    .as_ref()
+                    .and_then(|d| d.pointer("/liver/truth_ml")?.as_f64()),
+                truth_tumour_ml: r
+                    .8
+                    .as_ref()
+                    .and_then(|d| d.pointer("/tumour/truth_ml")?.as_f64()),
+                link: format!("study-{}-run-{}.html", r.0, r.1),
+            })
+            .collect();
+        let mut failures: Vec<crate::report::digest::DigestFailure> = rows
+            .iter()
+            .filter(|r| r.2 == "failed")
+            .map(|r| crate::report::digest::DigestFailure {
+                what: format!("study {} (run {})", r.0, r.1),
+                reason: r.9.clone().unwrap_or_default(),
+            })
+            .collect();
+        failures.extend(quarantined.into_iter().map(|(sha, reason)| {
+            crate::report::digest::DigestFailure {
+                what: format!("file {} (quarantined)", &sha[..12]),
+                reason,
+            }
+        }));
+        let input = crate::report::digest::DigestInput {
+            title: format!("hepaflow digest: batch {batch}"),
+            generated: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+            studies,
+            failures,
+        };
+        let html = crate::report::digest::render(&input)
+            .map_err(|e| JobError::permanent(format!("digest: {e}")))?;
+        let stored = p
+            .store
+            .put_bytes(html.as_bytes(), ".html")
+            .map_err(|e| JobError::transient(e.to_string()))?;
+        publish(
+            &p.settings.data_dir.join("reports"),
+            &format!("digest-batch-{batch}.html"),
+            html.as_bytes(),
+        )
+        .map_err(|e| JobError::transient(format!("reports folder: {e}")))?;
+        let failed = input.failures.len();
+        let mut tx = p.pool.begin().await?;
+        let art = artifacts::record(&mut tx, "digest", &stored).await?;
+        sqlx::query("UPDATE batches SET digest_artifact = $2 WHERE id = $1")
+            .bind(batch)
+            .bind(art)
+            .execute(&mut *tx)
+            .await?;
+        let (subject, text, body) =
+            crate::notify::digest_message(&p.settings.mail.base_url, batch, rows.len(), failed);
+        for to in &recipients {
+            crate::notify::enqueue(
+                &mut tx,
+                &crate::notify::NewEmail {
+                    kind: "digest",
+                    recipient: to,
+                    subject: subject.clone(),
+                    body_text: text.clone(),
+                    body_html: body.clone(),
+                    attachment: Some(art),
+                    study_id: None,
+                    run_id: None,
+                    batch_id: Some(batch),
+                },
+                &p.settings.mail.from,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        tracing::info!(batch, studies = rows.len(), "digest written");
+    }
     Ok(())
 }
 
