@@ -322,7 +322,8 @@ pub fn lesion_figure(
     let inset_bar_mm = bar_length(side);
     let to_px = |mm: f64| (mm * scale).round() as i32;
     pic.draw(|area| {
-        let yellow = RGBColor(THIS_LESION[0], THIS_LESION[1], THIS_LESION[2]);
+        // The box is a darker yellow than the lesion's own contour.
+        let yellow = RGBColor(190, 170, 0);
         let _ = area.draw(&Rectangle::new(
             [
                 (to_px(crop.0), to_px(crop.1)),

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::db::{self, Proc, scalar, wait_until};
 use crate::support::{hepaflow, stderr, tempdir};
 
-fn phantoms(dir: &Path, count: u32, seed: u32, shape: &str) {
+pub fn phantoms(dir: &Path, count: u32, seed: u32, shape: &str) {
     let out = hepaflow()
         .args(["phantom", "--out"])
         .arg(dir)
