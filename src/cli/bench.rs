@@ -7,8 +7,8 @@ use std::time::Instant;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::CmdResult;
 use super::imaging::bad_input;
+use super::{CmdResult, Failure};
 use crate::config::Settings;
 use crate::lesions::{Components, Connectivity};
 use crate::metrics::surface;
@@ -46,6 +46,16 @@ pub enum BenchCommand {
         stride: i64,
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Rendering a full study report (HTML + every picture) from a CT and a mask.
+    Report {
+        #[arg(long)]
+        ct: PathBuf,
+        #[arg(long)]
+        mask: PathBuf,
+        /// Ground truth, for the accuracy section.
+        #[arg(long)]
+        truth: Option<PathBuf>,
     },
     /// No-op jobs through in-process workers on Postgres: jobs/s and claim latency.
     Queue(super::bench_queue::QueueBenchArgs),
@@ -105,8 +115,57 @@ pub fn bench(args: BenchArgs, settings: &Settings) -> CmdResult {
     if let BenchCommand::Queue(a) = &args.what {
         return super::bench_queue::run(a, settings);
     }
+    if let BenchCommand::Report { ct, mask, truth } = &args.what {
+        let ct = CtVolume::read(ct, limits).map_err(bad_input)?;
+        let mask = LabelVolume::read(mask, limits).map_err(bad_input)?;
+        let truth = match truth {
+            Some(t) => Some(LabelVolume::read(t, limits).map_err(bad_input)?),
+            None => None,
+        };
+        let prov = crate::report::Provenance {
+            model_name: "bench".into(),
+            model_version: "0".into(),
+            weights_sha256: String::new(),
+            code_version: env!("CARGO_PKG_VERSION").into(),
+            parameters: "{}".into(),
+            timings: "{}".into(),
+            input_sha256: String::new(),
+            run_id: 0,
+        };
+        // The accuracy metrics come computed (the analyze step stores them; the report
+        // step reads them), as in the pipeline.
+        let m = truth
+            .as_ref()
+            .and_then(|t| crate::metrics::evaluate(t, &mask).ok());
+        let (times, html) = timed(args.repeat, || {
+            crate::report::render_study(&crate::report::StudyInput {
+                study_label: "Study 0".into(),
+                processed: "bench".into(),
+                ct: &ct,
+                mask: &mask,
+                truth: truth.as_ref(),
+                metrics: m.as_ref(),
+                provenance: prov.clone(),
+                max_figures: 6,
+            })
+        });
+        let html = html.map_err(|e| Failure::Other(e.into()))?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "shape": ct.geometry().shape(),
+                "threads": threads,
+                "seconds": times,
+                "median_s": median(times.clone()),
+                "html_bytes": html.len(),
+            }))?
+        );
+        return Ok(());
+    }
     let out = match args.what {
-        BenchCommand::Modes { .. } | BenchCommand::Queue(_) => unreachable!("handled above"),
+        BenchCommand::Modes { .. } | BenchCommand::Queue(_) | BenchCommand::Report { .. } => {
+            unreachable!("handled above")
+        }
         BenchCommand::Read { file } => {
             NiftiFile::open(&file, limits).map_err(bad_input)?; // warm the page cache
             let (times, ct) = timed(args.repeat, || CtVolume::read(&file, limits));

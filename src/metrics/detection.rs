@@ -7,7 +7,7 @@ use crate::lesions::{Components, Connectivity, measure};
 use crate::volume::{LabelVolume, label};
 
 /// Detected and missed reference lesions of one size class.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct SizeCounts {
     pub tp: u64,
     #[serde(rename = "fn")]
@@ -15,7 +15,7 @@ pub struct SizeCounts {
 }
 
 /// By the reference lesion's longest axial diameter.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct BySize {
     /// < 10 mm
     pub small: SizeCounts,
@@ -25,7 +25,7 @@ pub struct BySize {
     pub large: SizeCounts,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct Detection {
     pub reference_lesions: u64,
     pub predicted_lesions: u64,

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::volume::{LabelVolume, label};
 
 /// The metrics of one structure (liver or tumour).
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct StructureMetrics {
     pub dice: f64,
     pub jaccard: f64,
@@ -28,7 +28,7 @@ pub struct StructureMetrics {
     pub truth_ml: f64,
     pub pred_ml: f64,
     /// Why the surface metrics are null, when they are.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", skip_deserializing)]
     pub surface_note: Option<&'static str>,
     #[serde(skip)]
     pub counts: Counts,
@@ -43,7 +43,7 @@ pub struct Counts {
 }
 
 /// Everything `hepaflow metrics` reports for one study.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct StudyMetrics {
     pub liver: StructureMetrics,
     pub tumour: StructureMetrics,

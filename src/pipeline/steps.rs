@@ -223,6 +223,12 @@ pub async fn report(p: &Pipeline, job: &JobHandle, run: i64) -> Result<(), JobEr
         input_sha256: input_sha,
         run_id: run,
     };
+    let stored_metrics: Option<metrics::StudyMetrics> =
+        sqlx::query_scalar::<_, serde_json::Value>("SELECT detail FROM metrics WHERE run_id = $1")
+            .bind(run)
+            .fetch_optional(&p.pool)
+            .await?
+            .and_then(|v| serde_json::from_value(v).ok());
     let ct_path = p.store.path(&info.ct_path);
     let mask_path = p.store.path(&mask_rel);
     let truth_path = info.truth_path.as_ref().map(|t| p.store.path(t));
@@ -238,12 +244,14 @@ pub async fn report(p: &Pipeline, job: &JobHandle, run: i64) -> Result<(), JobEr
             Some(tp) => Some(LabelVolume::read(&tp, &limits).map_err(nifti_err("ground truth"))?),
             None => None,
         };
-        let m = match &truth {
-            Some(tr) => Some(
+        // The accuracy the analyze step stored (computed again only if it is missing).
+        let m = match (&truth, stored_metrics) {
+            (Some(_), Some(m)) => Some(m),
+            (Some(tr), None) => Some(
                 metrics::evaluate(tr, &mask)
                     .map_err(|e| JobError::permanent(format!("ground truth: {e}")))?,
             ),
-            None => None,
+            (None, _) => None,
         };
         let html = crate::report::render_study(&crate::report::StudyInput {
             study_label: format!("Study {study}"),
