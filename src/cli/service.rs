@@ -175,7 +175,11 @@ async fn run_inner(args: &RunArgs, settings: &Settings, db: &Db, device: tch::De
     std::fs::create_dir_all(&p.folders.inbox)?;
     pipeline::ensure_model(&db.pool, &p.store, settings)
         .await
-        .map_err(|e| Failure::Other(e.into()))?;
+        .map_err(|e| {
+            Failure::Other(anyhow::anyhow!(
+                "no model is registered, and the default model (HEPAFLOW_DEFAULT_MODEL) could not be: {e}"
+            ))
+        })?;
     let schedules = load_schedules(settings)?;
     scheduler::sync(&db.pool, &schedules)
         .await

@@ -174,11 +174,28 @@ pub async fn ensure_model(
     if let Some(m) = models::active(pool).await? {
         return Ok(m.id);
     }
-    let dir = &settings.default_model;
-    let m = models::register(pool, store, dir).await?;
+    let dir = default_model_dir(&settings.default_model);
+    let m = models::register(pool, store, &dir).await?;
     let m = models::activate(pool, &m.name).await?;
     tracing::info!(model = %m.name, "registered and activated the default model");
     Ok(m.id)
+}
+
+/// The default model folder: as configured, or — for the relative default — next to the
+/// checkout the binary was built in (`target/release/hepaflow` → `models/demo`).
+fn default_model_dir(configured: &std::path::Path) -> std::path::PathBuf {
+    if configured.is_absolute() || configured.join(crate::segment::CARD_FILE).exists() {
+        return configured.to_path_buf();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.ancestors()
+                .skip(1)
+                .map(|a| a.join(configured))
+                .find(|d| d.join(crate::segment::CARD_FILE).exists())
+        })
+        .unwrap_or_else(|| configured.to_path_buf())
 }
 
 /// Creates a run of `study` with `model` and enqueues its first step, in the caller's

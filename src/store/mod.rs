@@ -94,6 +94,26 @@ pub async fn pool(url: &str, max_connections: u32) -> Result<PgPool, StoreError>
         .map_err(StoreError::Url)?
         .log_statements(log::LevelFilter::Trace)
         .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(2));
+    // One direct connection first, so an unreachable server says why (refused, unknown
+    // host, bad password) instead of a pool timeout.
+    use sqlx::Connection;
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::PgConnection::connect_with(&opts),
+    )
+    .await
+    {
+        Ok(Ok(c)) => {
+            let _ = c.close().await;
+        }
+        Ok(Err(e)) => return Err(StoreError::Connect(e)),
+        Err(_) => {
+            return Err(StoreError::Connect(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within 10 s",
+            ))));
+        }
+    }
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

@@ -27,7 +27,7 @@ const COLUMNS: &str = "id, name, version, weights_sha256, dir, active, registere
 /// Why a model could not be registered or activated.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("{0}")]
+    #[error(transparent)]
     Model(#[from] segment::ModelError),
     #[error("model {0:?} is already registered with other weights")]
     NameTaken(String),
