@@ -29,6 +29,35 @@ pub struct Settings {
     pub inbox_settle: Duration,
     /// Email delivery.
     pub mail: MailSettings,
+    /// The dashboard.
+    pub web: WebSettings,
+}
+
+/// The dashboard (`HEPAFLOW_LISTEN`, `HEPAFLOW_SESSION_IDLE_MIN`, `HEPAFLOW_SECURE_COOKIES`).
+#[derive(Clone, Debug)]
+pub struct WebSettings {
+    /// The address `serve` listens on (default `127.0.0.1:8080`).
+    pub listen: String,
+    /// A session unused this long ends (default 30 minutes).
+    pub idle: Duration,
+    /// A session ends this long after login whatever its use (12 hours).
+    pub max_age: Duration,
+    /// Mark the session cookie `Secure` (default: when `HEPAFLOW_BASE_URL` is https).
+    pub secure_cookies: bool,
+    /// Failed logins checked per account name and hour; later attempts are refused (100).
+    pub login_failures_per_hour: i64,
+}
+
+impl Default for WebSettings {
+    fn default() -> Self {
+        WebSettings {
+            listen: "127.0.0.1:8080".into(),
+            idle: Duration::from_secs(30 * 60),
+            max_age: Duration::from_secs(12 * 3600),
+            secure_cookies: false,
+            login_failures_per_hour: 100,
+        }
+    }
 }
 
 /// Email delivery (`HEPAFLOW_SMTP_URL`, `HEPAFLOW_SMTP_USER`, `HEPAFLOW_SMTP_PASSWORD`,
@@ -120,6 +149,7 @@ impl Settings {
             queue: QueueSettings::default(),
             inbox_settle: Duration::from_secs(2),
             mail: MailSettings::default(),
+            web: WebSettings::default(),
         };
         let nonempty = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
         if let Some(v) = nonempty("HEPAFLOW_DATA_DIR") {
@@ -163,17 +193,7 @@ impl Settings {
             s.mail.base_url = v.trim_end_matches('/').to_string();
         }
         if let Some(v) = nonempty("HEPAFLOW_MAIL_ATTACH_REPORTS") {
-            s.mail.attach_reports = match v.trim() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => {
-                    return Err(ConfigError {
-                        name: "HEPAFLOW_MAIL_ATTACH_REPORTS".into(),
-                        value: v,
-                        reason: "expected true or false".into(),
-                    });
-                }
-            };
+            s.mail.attach_reports = flag("HEPAFLOW_MAIL_ATTACH_REPORTS", v)?;
         }
         if let Some(v) = lookup("HEPAFLOW_NOTIFY") {
             s.mail.default_recipients = v
@@ -181,6 +201,26 @@ impl Settings {
                 .map(|a| a.trim().to_string())
                 .filter(|a| !a.is_empty())
                 .collect();
+        }
+        if let Some(v) = nonempty("HEPAFLOW_LISTEN") {
+            s.web.listen = v.trim().to_string();
+        }
+        if let Some(v) = nonempty("HEPAFLOW_SESSION_IDLE_MIN") {
+            let min: u64 = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&n| (1..=24 * 60).contains(&n))
+                .ok_or_else(|| ConfigError {
+                    name: "HEPAFLOW_SESSION_IDLE_MIN".into(),
+                    value: v.clone(),
+                    reason: "expected minutes from 1 to 1440".into(),
+                })?;
+            s.web.idle = Duration::from_secs(min * 60);
+        }
+        s.web.secure_cookies = s.mail.base_url.starts_with("https://");
+        if let Some(v) = nonempty("HEPAFLOW_SECURE_COOKIES") {
+            s.web.secure_cookies = flag("HEPAFLOW_SECURE_COOKIES", v)?;
         }
         const MAX: &str = "HEPAFLOW_MAX_DECODED_BYTES";
         if let Some(v) = lookup(MAX) {
@@ -191,6 +231,19 @@ impl Settings {
             })?;
         }
         Ok(s)
+    }
+}
+
+/// `true`/`false` (also 1/0, yes/no, on/off).
+fn flag(name: &str, v: String) -> Result<bool, ConfigError> {
+    match v.trim() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError {
+            name: name.into(),
+            value: v,
+            reason: "expected true or false".into(),
+        }),
     }
 }
 

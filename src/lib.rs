@@ -25,3 +25,4 @@ pub mod report;
 pub mod segment;
 pub mod store;
 pub mod volume;
+pub mod web;

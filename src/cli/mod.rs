@@ -8,6 +8,7 @@ mod bench_queue;
 mod imaging;
 mod model;
 mod service;
+mod web;
 
 use std::process::ExitCode;
 
@@ -65,6 +66,10 @@ pub enum Command {
     Schedules(service::SchedulesArgs),
     /// The email outbox.
     Mail(service::MailArgs),
+    /// The web dashboard.
+    Serve(web::ServeArgs),
+    /// Dashboard accounts.
+    Users(web::UsersArgs),
 }
 
 /// How a command failed: decides the exit code.
@@ -139,6 +144,8 @@ pub fn run(cli: Cli, settings: &Settings) -> CmdResult {
         Command::Models(a) => service::models_cmd(a, settings),
         Command::Schedules(a) => service::schedules_cmd(a, settings),
         Command::Mail(a) => service::mail_cmd(a, settings),
+        Command::Serve(a) => web::serve(a, settings),
+        Command::Users(a) => web::users_cmd(a, settings),
     }
 }
 

@@ -18,25 +18,25 @@ use crate::queue::{self, scheduler};
 use crate::segment;
 use crate::store::{Db, models, studies};
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::Other(anyhow::anyhow!("cannot start the async runtime: {e}")))
 }
 
-async fn open(settings: &Settings, connections: u32) -> Result<Db, Failure> {
+pub(super) async fn open(settings: &Settings, connections: u32) -> Result<Db, Failure> {
     Db::open(settings, connections)
         .await
         .map_err(|e| Failure::Other(e.into()))
 }
 
-fn db_err(e: sqlx::Error) -> Failure {
+pub(super) fn db_err(e: sqlx::Error) -> Failure {
     Failure::Other(anyhow::anyhow!("database: {e}"))
 }
 
 /// Cancelled on SIGTERM or SIGINT.
-fn shutdown_on_signals() -> CancellationToken {
+pub(super) fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
@@ -57,13 +57,13 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
-fn print_json<T: Serialize>(v: &T) -> CmdResult {
+pub(super) fn print_json<T: Serialize>(v: &T) -> CmdResult {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
 /// Prints rows as aligned columns.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub(super) fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -93,7 +93,7 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 fn ml(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.1}"))
 }
-fn when(t: chrono::DateTime<chrono::Utc>) -> String {
+pub(super) fn when(t: chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S").to_string()
 }
 
@@ -194,6 +194,14 @@ async fn run_inner(args: &RunArgs, settings: &Settings, db: &Db, device: tch::De
     }
     let stop = shutdown_on_signals();
     if !args.once {
+        // The dashboard too: everything in one process.
+        let listener = super::web::bind(&settings.web.listen).await?;
+        tracing::info!("dashboard on http://{}/", settings.web.listen);
+        let web = tokio::spawn(crate::web::serve(
+            crate::web::Ctx::new(db.pool.clone(), settings.clone()),
+            listener,
+            stop.clone(),
+        ));
         let sched = tokio::spawn(scheduler::run(
             db.pool.clone(),
             schedules,
@@ -202,6 +210,9 @@ async fn run_inner(args: &RunArgs, settings: &Settings, db: &Db, device: tch::De
         ));
         worker::run(db.pool.clone(), p.clone(), cfg, stop).await;
         let _ = sched.await;
+        if let Ok(Err(e)) = web.await {
+            tracing::warn!("dashboard: {e}");
+        }
         return Ok(());
     }
     // --once: one manual batch of the inbox, then work until nothing is due.

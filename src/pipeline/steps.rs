@@ -386,6 +386,15 @@ pub async fn send_email(p: &Pipeline, job: &JobHandle) -> Result<(), JobError> {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+            crate::store::audit::record(
+                &mut *tx,
+                None,
+                "system",
+                "email_sent",
+                Some(&format!("email:{id}")),
+                serde_json::json!({ "kind": email.kind, "recipient": email.recipient }),
+            )
+            .await?;
             job.commit(tx).await?;
             tracing::info!(email = id, "email sent");
             Ok(())

@@ -2,10 +2,12 @@
 //! queries grouped by entity, and the content-addressed artifact store on disk.
 
 pub mod artifacts;
+pub mod audit;
 pub mod embedded;
 pub mod models;
 pub mod runs;
 pub mod studies;
+pub mod users;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -13,3 +13,4 @@ mod queue;
 mod report;
 mod segment;
 mod service;
+mod web;
