@@ -23,12 +23,13 @@ COPY --from=build /opt/hepaflow/.venv-torch/lib/python3.11/site-packages /opt/he
 COPY --from=build /usr/local/bin/hepaflow /usr/local/bin/hepaflow
 COPY models /opt/hepaflow/models
 COPY jobs /opt/hepaflow/jobs
-RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 postgresql-15 \
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 postgresql-15 curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --home /var/lib/hepaflow hepaflow && mkdir -p /var/lib/hepaflow \
     && chown hepaflow /var/lib/hepaflow
 USER hepaflow
 WORKDIR /var/lib/hepaflow
+EXPOSE 8080
 ENV HEPAFLOW_DATA_DIR=/var/lib/hepaflow HEPAFLOW_JOBS_DIR=/opt/hepaflow/jobs \
     HEPAFLOW_DEFAULT_MODEL=/opt/hepaflow/models/demo
 ENTRYPOINT ["hepaflow"]

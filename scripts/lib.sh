@@ -31,6 +31,11 @@ system_deps() {
   apt_install ca-certificates python3 python3-venv python3-pip pkg-config postgresql-15
 }
 
+# test_deps: what only the tests need from Debian: the browser the dashboard tests drive.
+test_deps() {
+  apt_install chromium chromium-driver
+}
+
 # python_env NAME REQUIREMENTS_FILE: a venv under $VENV (NAME "" = the main one) with the
 # pinned requirements; reinstalled only when the requirements file changes.
 python_env() {

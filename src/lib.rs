@@ -1,7 +1,8 @@
 //! hepaflow: liver-tumour reports from abdominal CT.
 //!
 //! # Layout
-//! Dependencies point one way: faces (`cli`) → services → the pure imaging core.
+//! Dependencies point one way: faces (`cli`, `web`) → `pipeline` → services → the pure
+//! imaging core.
 //!
 //! - [`volume`]: CT volumes and label masks with their geometry, NIfTI reading (validated,
 //!   bounded) and writing, and synthetic CT phantoms.
@@ -9,6 +10,11 @@
 //! - [`metrics`]: overlap, surface and detection metrics, batch aggregation (pure).
 //! - [`segment`]: the VGG16 patch classifier on libtorch: training, dense and patch
 //!   inference, reassembly into a label mask.
+//! - [`store`]: PostgreSQL (external or embedded), queries by entity, the artifact store.
+//! - [`queue`]: the job queue, workers and the cron scheduler.
+//! - [`pipeline`]: the study pipeline, one job per step.
+//! - [`report`], [`notify`]: HTML reports and digests; the email outbox.
+//! - [`web`]: the dashboard (axum).
 //! - [`config`]: settings from the environment, with embedded defaults.
 //! - [`cli`]: the command-line interface; the composition root.
 //! - [`fsutil`]: atomic file writes.

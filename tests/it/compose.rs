@@ -39,6 +39,7 @@ fn compose_services_run_real_commands() {
         "scheduler",
         "worker-cpu",
         "worker-gpu",
+        "web",
     ] {
         assert!(names.contains(&want), "service {want} missing: {names:?}");
     }
@@ -59,6 +60,12 @@ fn compose_services_run_real_commands() {
     let gpu = &svcs.iter().find(|(n, _)| n == "worker-gpu").unwrap().1;
     assert!(gpu.as_ref().unwrap().join(" ").contains("--queues gpu"));
     assert!(text.contains("driver: nvidia") && text.contains("capabilities: [gpu]"));
+    let web = &svcs.iter().find(|(n, _)| n == "web").unwrap().1;
+    assert_eq!(web.as_ref().unwrap()[0], "serve");
+    assert!(
+        text.contains("/healthz"),
+        "the web service has a health check"
+    );
     // Every hepaflow setting the stack passes is one the code reads.
     let config = ["src/config.rs", "src/cli/mod.rs"]
         .map(|f| std::fs::read_to_string(root().join(f)).unwrap())

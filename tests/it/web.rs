@@ -734,3 +734,104 @@ async fn serve_and_users_from_the_command_line() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clinician_reads_a_report_in_chromium() {
+    let (url, pool) = db::fresh().await;
+    let data = tempdir();
+    crate::service::phantoms(&data.path().join("inbox"), 1, 9, "96x96x16");
+    let out = db::service(&url, data.path(), &[])
+        .args(["run", "--once", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    accounts(&pool).await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _serve = Proc(
+        db::service(&url, data.path(), &[])
+            .args(["serve", "--listen", &addr])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..200 {
+        if http_get(port, "/healthz").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let shots = tempdir();
+    let base = format!("http://{addr}");
+    let seen: serde_json::Value = serde_json::from_str(&crate::support::run_py(
+        "browser.py",
+        &[
+            Path::new(&base),
+            Path::new("cleo"),
+            Path::new(CLIN_PW),
+            shots.path(),
+        ],
+    ))
+    .unwrap();
+    assert!(
+        seen["login_url"]
+            .as_str()
+            .unwrap()
+            .contains("/login?next=/studies/1/report"),
+        "{seen}"
+    );
+    assert!(
+        seen["after_login_url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/studies/1/report?run=1"),
+        "{seen}"
+    );
+    assert!(
+        seen["report_title"].as_str().unwrap().contains("Study 1"),
+        "{seen}"
+    );
+    let images = seen["report_images"].as_u64().unwrap();
+    assert!(images >= 3, "{seen}");
+    assert_eq!(
+        seen["report_images_drawn"].as_u64(),
+        Some(images),
+        "every figure renders under the CSP"
+    );
+    let rows = seen["studies_rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{seen}");
+    assert_eq!(rows[0][0], "Study 1");
+    assert!(rows[0][1].as_str().unwrap().contains("done"), "{seen}");
+    assert_eq!(seen["header_background"], "rgb(18, 53, 91)");
+    assert_eq!(seen["study_heading"], "Study 1");
+    assert_eq!(seen["rerun_form"], 0, "a clinician has no rerun form");
+    assert!(
+        seen["after_logout_url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/login")
+    );
+    assert!(
+        seen["studies_after_logout_url"]
+            .as_str()
+            .unwrap()
+            .contains("/login?next=/studies")
+    );
+    assert_eq!(
+        seen["cookies_js_visible"], "",
+        "the session cookie is HttpOnly"
+    );
+    for shot in ["login.png", "report.png", "studies.png", "study.png"] {
+        assert!(
+            std::fs::metadata(shots.path().join(shot)).unwrap().len() > 1000,
+            "{shot}"
+        );
+    }
+    let views = scalar(
+        &pool,
+        "SELECT count(*) FROM audit_events WHERE actor = 'cleo' AND action = 'view_report'",
+    )
+    .await;
+    assert_eq!(views, 1);
+}
