@@ -22,3 +22,24 @@ pub fn commit_temp(tmp: &Path, dest: &Path) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A temp-file name in `dir`, unique for this process and call.
+pub fn temp_in(dir: &Path) -> std::path::PathBuf {
+    dir.join(format!(".tmp-{}-{}", std::process::id(), unique_suffix()))
+}
+
+/// Writes `bytes` to `dest` atomically (temp file in the same folder, then [`commit_temp`]),
+/// creating the folder when needed.
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = temp_in(dir);
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    commit_temp(&tmp, dest)
+}

@@ -221,25 +221,16 @@ pub async fn deliver(
             let dir = dir.clone();
             let name = format!("{:06}-{}.eml", email.id, email.kind);
             let bytes = msg.formatted();
-            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                std::fs::create_dir_all(&dir)?;
-                let tmp = dir.join(format!(
-                    ".tmp-{}-{}",
-                    std::process::id(),
-                    fsutil::unique_suffix()
-                ));
-                std::fs::write(&tmp, &bytes)?;
-                fsutil::commit_temp(&tmp, &dir.join(name))
-            })
-            .await
-            .map_err(|e| SendError {
-                permanent: false,
-                message: e.to_string(),
-            })?
-            .map_err(|e| SendError {
-                permanent: false,
-                message: format!("mail folder: {e}"),
-            })
+            tokio::task::spawn_blocking(move || fsutil::write_atomic(&dir.join(name), &bytes))
+                .await
+                .map_err(|e| SendError {
+                    permanent: false,
+                    message: e.to_string(),
+                })?
+                .map_err(|e| SendError {
+                    permanent: false,
+                    message: format!("mail folder: {e}"),
+                })
         }
     }
 }

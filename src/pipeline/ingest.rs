@@ -264,13 +264,11 @@ async fn quarantine(
     let reason_path = dir.join(format!("{}.reason.json", stored.sha256));
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         std::fs::create_dir_all(&dir)?;
-        let n = fsutil::unique_suffix();
-        let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
+        let tmp = fsutil::temp_in(&dir);
         std::fs::copy(&src, &tmp)?;
         fsutil::commit_temp(&tmp, &dest2)?;
-        let tmp = dir.join(format!(".tmp-{}-{n}.json", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&note).unwrap_or_default())?;
-        fsutil::commit_temp(&tmp, &reason_path)
+        let note = serde_json::to_vec_pretty(&note).unwrap_or_default();
+        fsutil::write_atomic(&reason_path, &note)
     })
     .await
     .map_err(|e| e.to_string())?

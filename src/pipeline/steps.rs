@@ -181,14 +181,7 @@ pub async fn analyze(p: &Pipeline, job: &JobHandle, run: i64) -> Result<(), JobE
 
 /// Where a finished report is kept for people: `<data>/reports/NAME` (also an artifact).
 fn publish(dir: &std::path::Path, name: &str, html: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        crate::fsutil::unique_suffix()
-    ));
-    std::fs::write(&tmp, html)?;
-    crate::fsutil::commit_temp(&tmp, &dir.join(name))
+    crate::fsutil::write_atomic(&dir.join(name), html)
 }
 
 /// The report step: renders the study report (HTML with embedded pictures), stores it, and

@@ -11,6 +11,7 @@ use plotters::backend::BitMapBackend;
 use plotters::prelude::*;
 
 use crate::lesions::{Components, Lesion};
+use crate::volume::preview::window;
 use crate::volume::{CtVolume, Geometry, LabelVolume, label};
 
 /// An RGB picture.
@@ -72,10 +73,6 @@ pub const LIVER: [u8; 3] = [40, 220, 40];
 pub const TUMOUR: [u8; 3] = [255, 50, 50];
 pub const THIS_LESION: [u8; 3] = [255, 230, 0];
 pub const TRUTH: [u8; 3] = [0, 200, 255];
-
-fn window(hu: f32, level: f32, width: f32) -> u8 {
-    (((hu - (level - width / 2.0)) / width) * 255.0).clamp(0.0, 255.0) as u8
-}
 
 /// How an axial slice maps onto the screen (radiological, square millimetre pixels).
 #[derive(Clone, Copy, Debug)]

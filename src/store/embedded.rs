@@ -164,7 +164,7 @@ impl Cluster {
         if !c.dir.join("PG_VERSION").exists() {
             c.initdb(&home)?;
         }
-        if c.running_pid().is_some() {
+        if c.ready_pid().is_some() {
             return Ok(c);
         }
         c.launch(&home, opts)?;
@@ -265,10 +265,6 @@ impl Cluster {
         let pid: u32 = lines.first()?.trim().parse().ok()?;
         let ready = lines.get(7).is_some_and(|s| s.trim() == "ready");
         (ready && alive(pid)).then_some(pid)
-    }
-
-    fn running_pid(&self) -> Option<u32> {
-        self.ready_pid()
     }
 
     /// The connection URL of a database in this cluster (unix socket).

@@ -152,12 +152,17 @@ pub async fn set_password(pool: &PgPool, username: &str, password: &str) -> Resu
     .fetch_optional(&mut *tx)
     .await?;
     let id = id.ok_or_else(|| UserError::Unknown(username.into()))?;
-    sqlx::query("DELETE FROM web_sessions WHERE user_id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+    end_sessions(&mut tx, id).await?;
     tx.commit().await?;
     Ok(id)
+}
+
+async fn end_sessions(conn: &mut sqlx::PgConnection, user: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM web_sessions WHERE user_id = $1")
+        .bind(user)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Disables or enables an account; disabling ends its sessions.
@@ -171,10 +176,7 @@ pub async fn set_disabled(pool: &PgPool, username: &str, disabled: bool) -> Resu
             .await?;
     let id = id.ok_or_else(|| UserError::Unknown(username.into()))?;
     if disabled {
-        sqlx::query("DELETE FROM web_sessions WHERE user_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        end_sessions(&mut tx, id).await?;
     }
     tx.commit().await?;
     Ok(id)
@@ -225,16 +227,16 @@ pub async fn login(
             .fetch_optional(pool)
             .await?;
     // An unknown name costs the same hashing work as a known one.
-    let (hash, found) = match &row {
-        Some((_, h, _)) => (h.clone(), true),
-        None => (dummy_hash().to_string(), false),
+    let hash = match &row {
+        Some((_, h, _)) => h.clone(),
+        None => dummy_hash().to_string(),
     };
     let pw = password.to_string();
     let ok = tokio::task::spawn_blocking(move || verify_password(&pw, &hash))
         .await
         .unwrap_or(false);
     match row {
-        Some((id, _, false)) if ok && found => Ok(Login::Ok { user_id: id }),
+        Some((id, _, false)) if ok => Ok(Login::Ok { user_id: id }),
         _ => {
             sqlx::query("INSERT INTO login_failures (username) VALUES ($1)")
                 .bind(username)

@@ -8,15 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::db::{self, Proc, scalar, wait_until};
-use crate::support::{python, root, stderr, tempdir};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::support::{free_port, python, root, stderr, tempdir};
 
 /// Starts the SMTP server; returns once it listens.
 fn smtp_server(port: u16, out: &Path) -> Proc {

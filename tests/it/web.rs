@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use tower::ServiceExt;
 
 use crate::db::{self, Proc, scalar};
-use crate::support::{stderr, tempdir};
+use crate::support::{free_port, stderr, tempdir};
 
 /// A browser-like client of the router: keeps cookies, does not follow redirects.
 struct Client {
@@ -447,17 +447,24 @@ async fn failed_logins_are_limited_per_account() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reports_are_served_by_id_audited_and_checked() {
+/// A database and data folder where `run --once` has processed one phantom study, and the
+/// two accounts.
+async fn processed_study(seed: u32) -> (String, PgPool, tempfile::TempDir) {
     let (url, pool) = db::fresh().await;
     let data = tempdir();
-    crate::service::phantoms(&data.path().join("inbox"), 1, 5, "96x96x16");
+    crate::service::phantoms(&data.path().join("inbox"), 1, seed, "96x96x16");
     let out = db::service(&url, data.path(), &[])
         .args(["run", "--once", "--device", "cpu"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     accounts(&pool).await;
+    (url, pool, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_are_served_by_id_audited_and_checked() {
+    let (url, pool, data) = processed_study(5).await;
     let ctx = hepaflow::web::Ctx::new(pool.clone(), settings(&url, data.path()));
     let mut clin = Client::new(ctx.clone());
     clin.login("cleo", CLIN_PW).await;
@@ -598,14 +605,6 @@ async fn reports_are_served_by_id_audited_and_checked() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A plain HTTP/1.1 GET: the status code and the body.
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
@@ -625,6 +624,26 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
             .map(|x| x.1.to_string())
             .unwrap_or_default(),
     ))
+}
+
+/// `hepaflow serve` on a free port, once it answers.
+fn serve(url: &str, data: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let p = Proc(
+        db::service(url, data, &[])
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..400 {
+        if http_get(port, "/healthz").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (p, port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -691,25 +710,8 @@ async fn serve_and_users_from_the_command_line() {
     assert!(list[0].get("password_hash").is_none());
 
     // `serve` answers on its address, sends strangers to the login page, stops on SIGTERM.
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut serve = Proc(
-        db::service(&url, data.path(), &[])
-            .args(["serve", "--listen", &addr])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut health = None;
-    for _ in 0..200 {
-        health = http_get(port, "/healthz");
-        if health.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(health, Some((200, "ok\n".into())));
+    let (mut serve, port) = serve(&url, data.path());
+    assert_eq!(http_get(port, "/healthz"), Some((200, "ok\n".into())));
     assert_eq!(http_get(port, "/studies").unwrap().0, 303);
     let (code, body) = http_get(port, "/login").unwrap();
     assert_eq!(code, 200);
@@ -737,33 +739,10 @@ async fn serve_and_users_from_the_command_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clinician_reads_a_report_in_chromium() {
-    let (url, pool) = db::fresh().await;
-    let data = tempdir();
-    crate::service::phantoms(&data.path().join("inbox"), 1, 9, "96x96x16");
-    let out = db::service(&url, data.path(), &[])
-        .args(["run", "--once", "--device", "cpu"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    accounts(&pool).await;
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let _serve = Proc(
-        db::service(&url, data.path(), &[])
-            .args(["serve", "--listen", &addr])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    for _ in 0..200 {
-        if http_get(port, "/healthz").is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (url, pool, data) = processed_study(9).await;
+    let (_serve, port) = serve(&url, data.path());
     let shots = tempdir();
-    let base = format!("http://{addr}");
+    let base = format!("http://127.0.0.1:{port}");
     let seen: serde_json::Value = serde_json::from_str(&crate::support::run_py(
         "browser.py",
         &[
