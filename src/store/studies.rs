@@ -26,12 +26,16 @@ pub struct StudySummary {
     pub spacing_mm: Vec<f64>,
     pub created_at: DateTime<Utc>,
     pub error: Option<String>,
+    /// Whether any run of the study has a report.
+    pub has_report: bool,
 }
 
 const SUMMARY: &str = "SELECT s.id, r.state, r.step, r.id AS run_id, m.name AS model,
         r.lesion_count, r.liver_ml, r.tumour_ml, r.tumour_burden_pct,
         s.truth_artifact IS NOT NULL AS has_truth, x.liver_dice, x.tumour_dice,
-        s.shape, s.spacing_mm, s.created_at, r.error
+        s.shape, s.spacing_mm, s.created_at, r.error,
+        EXISTS (SELECT 1 FROM runs x WHERE x.study_id = s.id AND x.report_artifact IS NOT NULL)
+            AS has_report
     FROM studies s
     JOIN LATERAL (SELECT * FROM runs WHERE runs.study_id = s.id ORDER BY id DESC LIMIT 1) r ON true
     JOIN models m ON m.id = r.model_id
@@ -41,6 +45,23 @@ pub async fn list(pool: &PgPool) -> Result<Vec<StudySummary>, sqlx::Error> {
     sqlx::query_as(&format!("{SUMMARY} ORDER BY s.id"))
         .fetch_all(pool)
         .await
+}
+
+/// One page of studies, newest first, and the number of studies.
+pub async fn page(
+    pool: &PgPool,
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<StudySummary>, i64), sqlx::Error> {
+    let rows = sqlx::query_as(&format!("{SUMMARY} ORDER BY s.id DESC LIMIT $1 OFFSET $2"))
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(pool)
+        .await?;
+    let total = sqlx::query_scalar("SELECT count(*) FROM studies")
+        .fetch_one(pool)
+        .await?;
+    Ok((rows, total))
 }
 
 pub async fn summary(pool: &PgPool, id: i64) -> Result<Option<StudySummary>, sqlx::Error> {

@@ -81,20 +81,31 @@ struct StudyLine {
 struct StudiesPage {
     nav: Nav,
     rows: Vec<StudyLine>,
+    page: i64,
+    pages: i64,
+    total: i64,
 }
 
-pub async fn studies(State(ctx): State<Arc<Ctx>>, Viewer(s): Viewer) -> Result<Response, WebError> {
-    let list = studies::list(&ctx.pool).await?;
-    let reported: Vec<i64> =
-        sqlx::query_scalar("SELECT DISTINCT study_id FROM runs WHERE report_artifact IS NOT NULL")
-            .fetch_all(&ctx.pool)
-            .await?;
+/// Studies per page of the list.
+const PAGE: i64 = 100;
+
+#[derive(Deserialize)]
+pub struct PageQuery {
+    page: Option<i64>,
+}
+
+pub async fn studies(
+    State(ctx): State<Arc<Ctx>>,
+    Viewer(s): Viewer,
+    Query(q): Query<PageQuery>,
+) -> Result<Response, WebError> {
+    let page = q.page.unwrap_or(1).clamp(1, 1_000_000);
+    let (list, total) = studies::page(&ctx.pool, PAGE, (page - 1) * PAGE).await?;
     let rows = list
         .into_iter()
-        .rev()
         .map(|r| StudyLine {
             id: r.id,
-            has_report: reported.contains(&r.id),
+            has_report: r.has_report,
             state: r.state,
             step: r.step,
             lesions: r.lesion_count.map_or("–".into(), |n| n.to_string()),
@@ -110,6 +121,9 @@ pub async fn studies(State(ctx): State<Arc<Ctx>>, Viewer(s): Viewer) -> Result<R
     render(&StudiesPage {
         nav: Nav::of(&s),
         rows,
+        page,
+        pages: ((total + PAGE - 1) / PAGE).max(1),
+        total,
     })
 }
 

@@ -476,6 +476,14 @@ async fn reports_are_served_by_id_audited_and_checked() {
         list.body
     );
     assert!(list.body.contains("href=\"/studies/1/report\""));
+    assert!(
+        list.body.contains("1 study, newest first · page 1 of 1"),
+        "{}",
+        list.body
+    );
+    let beyond = clin.get("/studies?page=2").await;
+    assert_eq!(beyond.status, StatusCode::OK);
+    assert!(!beyond.body.contains("href=\"/studies/1\"") && beyond.body.contains("newer"));
     let study = clin.get("/studies/1").await;
     assert_eq!(study.status, StatusCode::OK);
     assert!(study.body.contains("Lesions") && study.body.contains("Runs"));
