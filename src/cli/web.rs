@@ -142,6 +142,7 @@ async fn users_inner(args: UsersArgs, db: &Db) -> CmdResult {
         .await
         .map_err(db_err)
     };
+    let disabling = matches!(args.command, UsersCommand::Disable { .. });
     match args.command {
         UsersCommand::Add {
             name,
@@ -174,19 +175,17 @@ async fn users_inner(args: UsersArgs, db: &Db) -> CmdResult {
                 println!("password of {name} changed");
             }
         }
-        UsersCommand::Disable { name } => {
-            users::set_disabled(pool, &name, true)
+        UsersCommand::Disable { name } | UsersCommand::Enable { name } => {
+            let (action, word) = if disabling {
+                ("user_disabled", "disabled")
+            } else {
+                ("user_enabled", "enabled")
+            };
+            users::set_disabled(pool, &name, disabling)
                 .await
                 .map_err(user_err)?;
-            note("user_disabled", name.clone()).await?;
-            println!("user {name} disabled");
-        }
-        UsersCommand::Enable { name } => {
-            users::set_disabled(pool, &name, false)
-                .await
-                .map_err(user_err)?;
-            note("user_enabled", name.clone()).await?;
-            println!("user {name} enabled");
+            note(action, name.clone()).await?;
+            println!("user {name} {word}");
         }
         UsersCommand::List { json } => {
             let rows = users::list(pool).await.map_err(db_err)?;

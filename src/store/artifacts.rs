@@ -50,7 +50,8 @@ pub struct ArtifactStore {
     root: PathBuf,
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of bytes.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -178,6 +179,21 @@ impl ArtifactStore {
             });
         }
         Ok(())
+    }
+
+    /// Reads a stored file whole, refusing it when its content no longer matches `sha256`.
+    pub fn read_verified(&self, rel: &str, sha256: &str) -> Result<Vec<u8>, ArtifactError> {
+        let path = self.root.join(rel);
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        let found = hex(&Sha256::digest(&bytes));
+        if found != sha256 {
+            return Err(ArtifactError::Corrupt {
+                path: rel.into(),
+                expected: sha256.into(),
+                found,
+            });
+        }
+        Ok(bytes)
     }
 
     /// Removes temp files left by crashed writers (older than `min_age`).

@@ -34,7 +34,7 @@ const SUMMARY: &str = "SELECT s.id, r.state, r.step, r.id AS run_id, m.name AS m
         r.lesion_count, r.liver_ml, r.tumour_ml, r.tumour_burden_pct,
         s.truth_artifact IS NOT NULL AS has_truth, x.liver_dice, x.tumour_dice,
         s.shape, s.spacing_mm, s.created_at, r.error,
-        EXISTS (SELECT 1 FROM runs x WHERE x.study_id = s.id AND x.report_artifact IS NOT NULL)
+        EXISTS (SELECT 1 FROM runs rr WHERE rr.study_id = s.id AND rr.report_artifact IS NOT NULL)
             AS has_report
     FROM studies s
     JOIN LATERAL (SELECT * FROM runs WHERE runs.study_id = s.id ORDER BY id DESC LIMIT 1) r ON true

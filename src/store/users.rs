@@ -8,6 +8,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
+use super::artifacts::hex;
+
 /// What an account may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -91,13 +93,12 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
 pub fn random_hex(n: usize) -> Result<String, getrandom::Error> {
     let mut b = vec![0u8; n];
     getrandom::fill(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    Ok(hex(&b))
 }
 
 /// The sha256 of a session token, as stored.
 pub fn token_digest(token: &str) -> String {
-    let d = Sha256::digest(token.as_bytes());
-    d.iter().map(|x| format!("{x:02x}")).collect()
+    hex(&Sha256::digest(token.as_bytes()))
 }
 
 /// An account, without its hash.

@@ -31,7 +31,7 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(pool: PgPool, settings: Settings) -> Arc<Ctx> {
-        let artifacts = ArtifactStore::new(settings.data_dir.join("artifacts"));
+        let artifacts = ArtifactStore::new(crate::pipeline::Folders::new(&settings).artifacts);
         Arc::new(Ctx {
             pool,
             settings,

@@ -10,7 +10,6 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::auth::{Admin, CsrfForm, Viewer, check_csrf};
 use super::{Ctx, WebError, render};
@@ -44,6 +43,7 @@ fn when(t: chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
+/// Writes what the viewer did (a view, or an action without details) to the audit trail.
 async fn audit_view(
     ctx: &Ctx,
     s: &Session,
@@ -258,20 +258,11 @@ async fn stored_page(
     sha256: String,
     download_name: Option<String>,
 ) -> Result<Response, WebError> {
-    let path = ctx.artifacts.path(&rel);
-    let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path))
+    let store = ctx.artifacts.clone();
+    let bytes = tokio::task::spawn_blocking(move || store.read_verified(&rel, &sha256))
         .await
         .map_err(WebError::internal)?
-        .map_err(|e| WebError::internal(format!("artifact {rel}: {e}")))?;
-    let found: String = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    if found != sha256 {
-        return Err(WebError::internal(format!(
-            "artifact {rel}: content does not match its sha256"
-        )));
-    }
+        .map_err(WebError::internal)?;
     let mut res = bytes.into_response();
     let h = res.headers_mut();
     h.insert(
@@ -464,15 +455,7 @@ pub async fn retry(
             "Job {id} does not exist or is not failed, dead or cancelled."
         )));
     }
-    audit::record(
-        &ctx.pool,
-        Some(s.user_id),
-        &s.username,
-        "retry_job",
-        Some(&format!("job:{id}")),
-        json!({}),
-    )
-    .await?;
+    audit_view(&ctx, &s, "retry_job", Some(format!("job:{id}"))).await?;
     Ok(Redirect::to("/jobs").into_response())
 }
 
