@@ -34,26 +34,34 @@ pub fn keep_largest_liver(mask: &mut LabelVolume) -> u64 {
     removed
 }
 
-/// Removes tumour voxels farther than `margin_mm` from every liver-parenchyma voxel (label 1):
-/// tumour is kept inside the liver dilated by the margin. Returns the voxels removed.
+/// Removes every tumour component (26-connected) that comes no closer than `margin_mm` to
+/// liver parenchyma (label 1): a lesion is judged as a whole, so the core of a large lesion,
+/// far from any parenchyma, stays with its rim. Returns the voxels removed.
 pub fn drop_tumour_outside_liver(mask: &mut LabelVolume, margin_mm: f64) -> u64 {
     let g = mask.geometry().clone();
     let [nx, ny, nz] = g.shape();
     let s = g.spacing_mm();
+    let comps = Components::label(
+        mask.labels(),
+        [nx, ny, nz],
+        |v| v == label::TUMOUR,
+        Connectivity::TwentySix,
+    );
+    if comps.count() == 0 {
+        return 0;
+    }
     // Box around every tumour voxel, grown by the margin: every liver voxel that can be within
     // the margin of a tumour voxel lies inside it.
     let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
-    for (i, &v) in mask.labels().iter().enumerate() {
-        if v == label::TUMOUR {
-            let c = [i % nx, (i / nx) % ny, i / (nx * ny)];
-            for t in 0..3 {
-                lo[t] = lo[t].min(c[t]);
-                hi[t] = hi[t].max(c[t]);
-            }
+    for (r, _) in comps.runs() {
+        let (y, z) = (r.row as usize % ny, r.row as usize / ny);
+        for (t, (a, b)) in [(r.start as usize, r.end as usize - 1), (y, y), (z, z)]
+            .into_iter()
+            .enumerate()
+        {
+            lo[t] = lo[t].min(a);
+            hi[t] = hi[t].max(b);
         }
-    }
-    if lo[0] == usize::MAX {
-        return 0;
     }
     let shape = [nx, ny, nz];
     for t in 0..3 {
@@ -62,28 +70,36 @@ pub fn drop_tumour_outside_liver(mask: &mut LabelVolume, margin_mm: f64) -> u64 
         hi[t] = (hi[t] + grow).min(shape[t] - 1);
     }
     let b = [hi[0] - lo[0] + 1, hi[1] - lo[1] + 1, hi[2] - lo[2] + 1];
-    let idx = |x: usize, y: usize, z: usize| (lo[0] + x) + nx * ((lo[1] + y) + ny * (lo[2] + z));
     let mut feat = vec![false; b[0] * b[1] * b[2]];
     for z in 0..b[2] {
         for y in 0..b[1] {
-            for x in 0..b[0] {
-                feat[x + b[0] * (y + b[1] * z)] = mask.labels()[idx(x, y, z)] == label::LIVER;
+            let row = nx * ((lo[1] + y) + ny * (lo[2] + z));
+            let src = &mask.labels()[row + lo[0]..row + lo[0] + b[0]];
+            let dst = &mut feat[b[0] * (y + b[1] * z)..b[0] * (y + b[1] * z + 1)];
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v == label::LIVER;
             }
         }
     }
     let d2 = squared_distance(&feat, b, s);
+    // The closest approach of each component to the parenchyma.
+    let mut nearest = vec![f64::INFINITY; comps.count() + 1];
+    for (r, l) in comps.runs() {
+        let (y, z) = (r.row as usize % ny - lo[1], r.row as usize / ny - lo[2]);
+        let base = b[0] * (y + b[1] * z);
+        let near = &mut nearest[l as usize];
+        for x in r.start as usize..r.end as usize {
+            *near = near.min(d2[base + x - lo[0]]);
+        }
+    }
     let limit = margin_mm * margin_mm;
     let labels = mask.labels_mut();
     let mut removed = 0;
-    for z in 0..b[2] {
-        for y in 0..b[1] {
-            for x in 0..b[0] {
-                let i = idx(x, y, z);
-                if labels[i] == label::TUMOUR && d2[x + b[0] * (y + b[1] * z)] > limit {
-                    labels[i] = label::BACKGROUND;
-                    removed += 1;
-                }
-            }
+    for (r, l) in comps.runs() {
+        if nearest[l as usize] > limit {
+            let base = r.row as usize * nx;
+            labels[base + r.start as usize..base + r.end as usize].fill(label::BACKGROUND);
+            removed += u64::from(r.end - r.start);
         }
     }
     removed
@@ -160,6 +176,21 @@ mod tests {
         assert_eq!(drop_tumour_outside_liver(&mut m, 5.0), 1);
         assert_eq!(m.labels()[3], 2);
         assert_eq!(m.labels()[9], 0);
+    }
+
+    #[test]
+    fn a_large_lesion_keeps_its_core() {
+        // Liver at x 0..=1 and 23..=25; a tumour of 12 voxels touching the liver (its far end
+        // 12 mm away from it) and a lone tumour voxel at x 18, 5 mm from the nearest liver.
+        let mut m = mask([26, 1, 1], |i, _, _| match i {
+            0..=1 | 23..=25 => 1,
+            2..=13 => 2,
+            18 => 2,
+            _ => 0,
+        });
+        assert_eq!(drop_tumour_outside_liver(&mut m, 3.0), 1);
+        assert!(m.labels()[2..=13].iter().all(|&v| v == 2));
+        assert_eq!(m.labels()[18], 0);
     }
 
     #[test]
