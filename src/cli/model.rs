@@ -49,8 +49,14 @@ pub struct TrainArgs {
     pub device: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// ImageNet VGG16 weights (torchvision names, .safetensors) to start the convolutions
-    /// from; needs --width 1.
+    /// Weight of the tumour class in the loss (background and liver weigh 1).
+    #[arg(long, default_value_t = TrainOptions::default().tumour_weight)]
+    pub tumour_weight: f64,
+    /// The plain VGG16, without batch normalisation after each convolution.
+    #[arg(long)]
+    pub no_batch_norm: bool,
+    /// ImageNet weights (torchvision names, .safetensors: `vgg16_bn`, or `vgg16` with
+    /// --no-batch-norm) to start the convolutions from; needs --width 1.
     #[arg(long)]
     pub init: Option<PathBuf>,
 }
@@ -67,6 +73,8 @@ pub fn train(args: TrainArgs, settings: &Settings) -> CmdResult {
         seed: args.seed,
         device,
         init: args.init,
+        tumour_weight: args.tumour_weight,
+        batch_norm: !args.no_batch_norm,
         progress: true,
         ..TrainOptions::default()
     };
@@ -104,6 +112,10 @@ pub struct InferArgs {
     /// Tumour probability threshold (default: the model card's calibrated value).
     #[arg(long)]
     pub tumour_threshold: Option<f32>,
+    /// Peak tumour probability a tumour component needs to be kept (default: the model card's
+    /// calibrated value, else the tumour threshold).
+    #[arg(long)]
+    pub tumour_seed_threshold: Option<f32>,
     /// Tumour components smaller than this become liver (mL).
     #[arg(long, default_value_t = InferOptions::default().min_tumour_ml)]
     pub min_tumour_ml: f64,
@@ -120,11 +132,24 @@ impl InferArgs {
                 self.stride
             )));
         }
+        for (flag, v) in [
+            ("--tumour-threshold", self.tumour_threshold),
+            ("--tumour-seed-threshold", self.tumour_seed_threshold),
+        ] {
+            if let Some(v) = v
+                && !(0.0..=1.0).contains(&v)
+            {
+                return Err(Failure::Other(anyhow::anyhow!(
+                    "{flag} {v}: must be between 0 and 1"
+                )));
+            }
+        }
         Ok(InferOptions {
             mode: self.mode,
             stride: self.stride,
             half_precision: !self.fp32,
             tumour_threshold: self.tumour_threshold,
+            tumour_seed_threshold: self.tumour_seed_threshold,
             min_tumour_ml: self.min_tumour_ml,
             tumour_margin_mm: self.tumour_margin_mm,
             ..InferOptions::default()

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::Classifier;
 use crate::lesions;
-use crate::volume::{CtVolume, LabelVolume};
+use crate::volume::{CtVolume, LabelVolume, label};
 
 /// How the input channels are made from the CT; recorded in the model card.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -55,6 +55,10 @@ pub struct InferOptions {
     /// Tumour where its probability reaches this (within liver: p(liver) + p(tumour) ≥
     /// p(background)); None: the model card's calibrated value, else 0.5.
     pub tumour_threshold: Option<f32>,
+    /// A tumour component is kept only if its peak probability reaches this (hysteresis: the
+    /// extent comes from `tumour_threshold`, the decision from the peak); None: the model
+    /// card's calibrated value, else no extra condition.
+    pub tumour_seed_threshold: Option<f32>,
 }
 
 impl Default for InferOptions {
@@ -67,6 +71,7 @@ impl Default for InferOptions {
             min_tumour_ml: 0.02,
             half_precision: true,
             tumour_threshold: None,
+            tumour_seed_threshold: None,
         }
     }
 }
@@ -346,6 +351,55 @@ pub fn reassemble(maps: &ProbabilityMaps, shape: [usize; 3], tumour_threshold: f
     labels
 }
 
+/// The interpolated probability of class `c` at voxel (x, y, k), as `reassemble` computes it
+/// (0 outside the evaluated box).
+fn probability_at(maps: &ProbabilityMaps, c: usize, x: usize, y: usize, k: usize) -> f32 {
+    let s = maps.stride as f32;
+    let (Some((u0, u1, tx)), Some((v0, v1, ty))) = (
+        lerp_cell(x, maps.x0, s, maps.nu),
+        lerp_cell(y, maps.y0, s, maps.nv),
+    ) else {
+        return 0.0;
+    };
+    let base = k * maps.nu * maps.nv;
+    let at = |u: usize, v: usize| maps.probs[c][base + v * maps.nu + u];
+    let a = at(u0, v0) * (1.0 - tx) + at(u1, v0) * tx;
+    let b = at(u0, v1) * (1.0 - tx) + at(u1, v1) * tx;
+    a * (1.0 - ty) + b * ty
+}
+
+/// Turns tumour components (26-connected) whose peak tumour probability stays below `seed`
+/// into liver. Returns the number of components changed.
+pub fn drop_weak_tumours(maps: &ProbabilityMaps, mask: &mut LabelVolume, seed: f32) -> usize {
+    let shape = mask.geometry().shape();
+    let [nx, ny, _] = shape;
+    let comps = lesions::Components::label(
+        mask.labels(),
+        shape,
+        |v| v == label::TUMOUR,
+        lesions::Connectivity::TwentySix,
+    );
+    let mut peak = vec![0.0f32; comps.count() + 1];
+    for (r, l) in comps.runs() {
+        let (y, k) = (r.row as usize % ny, r.row as usize / ny);
+        let p = &mut peak[l as usize];
+        for x in r.start as usize..r.end as usize {
+            if *p >= seed {
+                break;
+            }
+            *p = p.max(probability_at(maps, 2, x, y, k));
+        }
+    }
+    let labels = mask.labels_mut();
+    for (r, l) in comps.runs() {
+        if peak[l as usize] < seed {
+            let base = r.row as usize * nx;
+            labels[base + r.start as usize..base + r.end as usize].fill(label::LIVER);
+        }
+    }
+    peak.iter().skip(1).filter(|&&p| p < seed).count()
+}
+
 /// The two grid nodes around pixel `p` of a grid starting at `origin` with spacing `s` and `n`
 /// nodes, and the weight of the second; None outside the grid.
 fn lerp_cell(p: usize, origin: usize, s: f32, n: usize) -> Option<(usize, usize, f32)> {
@@ -368,7 +422,10 @@ pub fn segment(
     let t = opts
         .tumour_threshold
         .unwrap_or_else(|| net.tumour_threshold());
-    mask_from(&maps, ct, opts, t)
+    let seed = opts
+        .tumour_seed_threshold
+        .unwrap_or_else(|| net.tumour_seed_threshold());
+    mask_from(&maps, ct, opts, t, seed)
 }
 
 /// Reassembly and post-processing of computed probabilities.
@@ -377,11 +434,69 @@ pub fn mask_from(
     ct: &CtVolume,
     opts: &InferOptions,
     tumour_threshold: f32,
+    tumour_seed_threshold: f32,
 ) -> LabelVolume {
     let labels = reassemble(maps, ct.geometry().shape(), tumour_threshold);
     let mut mask = LabelVolume::new(ct.geometry().clone(), labels).expect("labels match the grid");
     lesions::keep_largest_liver(&mut mask);
     lesions::drop_tumour_outside_liver(&mut mask, opts.tumour_margin_mm);
+    if tumour_seed_threshold > tumour_threshold {
+        drop_weak_tumours(maps, &mut mask, tumour_seed_threshold);
+    }
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
     mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::Geometry;
+
+    #[test]
+    fn hysteresis_keeps_lesions_whose_peak_is_confident() {
+        // A 12 × 4 × 1 strip: liver, with two tumour components (x 1..=3 and x 7..=9) whose
+        // tumour probabilities peak at 0.95 and 0.6; maps on a stride-2 grid.
+        let g = Geometry::new(
+            [12, 4, 1],
+            [1.0, 1.0, 1.0],
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+            [0.0; 3],
+        )
+        .unwrap();
+        let tumour = |x: usize| (1..=3).contains(&x) || (7..=9).contains(&x);
+        let labels = (0..g.len())
+            .map(|i| {
+                if tumour(i % 12) {
+                    label::TUMOUR
+                } else {
+                    label::LIVER
+                }
+            })
+            .collect();
+        let (nu, nv) = (6, 2);
+        let p2: Vec<f32> = (0..nu * nv)
+            .map(|i| match i % nu {
+                1 => 0.95,
+                4 => 0.6,
+                _ => 0.1,
+            })
+            .collect();
+        let maps = ProbabilityMaps {
+            stride: 2,
+            x0: 0,
+            y0: 0,
+            nu,
+            nv,
+            nz: 1,
+            probs: [vec![0.0; nu * nv], p2.iter().map(|p| 1.0 - p).collect(), p2],
+        };
+        let mut strong = LabelVolume::new(g.clone(), labels).unwrap();
+        let mut weak = strong.clone();
+        assert_eq!(drop_weak_tumours(&maps, &mut strong, 0.9), 1);
+        let row: Vec<u8> = strong.labels()[..12].to_vec();
+        assert_eq!(row, [1, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1]);
+        // A seed both reach keeps both.
+        assert_eq!(drop_weak_tumours(&maps, &mut weak, 0.5), 0);
+        assert_eq!(weak.labels().iter().filter(|&&v| v == 2).count(), 24);
+    }
 }

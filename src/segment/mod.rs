@@ -51,6 +51,10 @@ pub struct ModelCard {
     /// Tumour probability threshold calibrated on the held-out studies (default 0.5).
     #[serde(default)]
     pub tumour_threshold: Option<f32>,
+    /// Peak probability a tumour component needs to be kept, calibrated with the threshold
+    /// (default: the threshold itself, i.e. no extra condition).
+    #[serde(default)]
+    pub tumour_seed_threshold: Option<f32>,
 }
 
 /// Why a model could not be loaded or used.
@@ -140,6 +144,7 @@ impl Classifier {
             training: None,
             validation: Vec::new(),
             tumour_threshold: None,
+            tumour_seed_threshold: None,
         };
         Classifier {
             card,
@@ -260,6 +265,13 @@ impl Classifier {
             .tumour_threshold
             .filter(|t| (0.0..=1.0).contains(t))
             .unwrap_or(0.5)
+    }
+    /// The card's calibrated seed threshold, else the tumour threshold.
+    pub fn tumour_seed_threshold(&self) -> f32 {
+        self.card
+            .tumour_seed_threshold
+            .filter(|t| (0.0..=1.0).contains(t))
+            .unwrap_or_else(|| self.tumour_threshold())
     }
     pub fn device(&self) -> Device {
         self.device

@@ -10,7 +10,10 @@
 //!   field is 59 px (odd: a patch has a centre voxel) and outputs come every 2 px;
 //! - a patch larger than 59 px is averaged over its (P − 59)/2 + 1 positions before the head,
 //!   which in dense mode is an average pool with stride 1;
-//! - the head is narrower (VGG's 4096 scaled by the width multiplier).
+//! - the head is narrower (VGG's 4096 scaled by the width multiplier);
+//! - optionally (the default for new models) batch normalisation after every convolution, as
+//!   torchvision's `vgg16_bn`: at inference it is a fixed per-channel affine map, so dense and
+//!   patch evaluation still agree exactly.
 
 use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn};
@@ -37,6 +40,9 @@ pub struct Architecture {
     pub receptive_field: i64,
     pub output_stride: i64,
     pub dropout: f64,
+    /// Batch normalisation after each convolution (cards written before it existed: none).
+    #[serde(default)]
+    pub batch_norm: bool,
 }
 
 impl Architecture {
@@ -61,6 +67,7 @@ impl Architecture {
             receptive_field: RECEPTIVE_FIELD,
             output_stride: OUTPUT_STRIDE,
             dropout: 0.5,
+            batch_norm: true,
         })
     }
 
@@ -93,7 +100,7 @@ impl Architecture {
 /// The network's layers.
 #[derive(Debug)]
 pub struct Vgg {
-    blocks: Vec<Vec<nn::Conv2D>>,
+    blocks: Vec<Vec<(nn::Conv2D, Option<nn::BatchNorm>)>>,
     fc1: nn::Conv2D,
     fc2: nn::Conv2D,
     fc3: nn::Conv2D,
@@ -112,13 +119,12 @@ impl Vgg {
         for (b, (&n, &w)) in counts.iter().zip(arch.widths.iter()).enumerate() {
             let mut convs = Vec::new();
             for i in 0..n {
-                convs.push(nn::conv2d(
-                    p / format!("block{}", b + 1) / format!("conv{}", i + 1),
-                    c_in,
-                    w,
-                    3,
-                    cfg,
-                ));
+                let block = p / format!("block{}", b + 1);
+                let conv = nn::conv2d(&block / format!("conv{}", i + 1), c_in, w, 3, cfg);
+                let bn = arch.batch_norm.then(|| {
+                    nn::batch_norm2d(&block / format!("bn{}", i + 1), w, Default::default())
+                });
+                convs.push((conv, bn));
                 c_in = w;
             }
             blocks.push(convs);
@@ -138,8 +144,12 @@ impl Vgg {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let mut x = x.shallow_clone();
         for (b, convs) in self.blocks.iter().enumerate() {
-            for c in convs {
-                x = x.apply(c).relu();
+            for (c, bn) in convs {
+                x = x.apply(c);
+                if let Some(bn) = bn {
+                    x = x.apply_t(bn, train);
+                }
+                x = x.relu();
             }
             x = if b == 0 {
                 x.max_pool2d([3, 3], [2, 2], [0, 0], [1, 1], false)

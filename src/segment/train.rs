@@ -3,8 +3,9 @@
 //! The classifier is trained on patches, many at a time: a crop of (59 + 2(n − 1)) px holds
 //! n × n overlapping patches whose centres lie 2 px apart, and the fully convolutional network
 //! classifies all of them in one pass with exactly the result it gives each patch alone.
-//! Crops are placed by class-balanced sampling (tumour, liver boundary, liver, background near
-//! the liver, anywhere in the body), with intensity augmentation, and the loss weighs tumour
+//! Crops are placed by class-balanced sampling (tumour — a lesion first, then a voxel of it —,
+//! liver boundary, liver, background near the liver, anywhere in the body), with intensity
+//! augmentation, and the loss weighs tumour
 //! up. A held-out split of studies is segmented after every epoch for validation Dice; the best
 //! epoch's weights are kept.
 
@@ -40,6 +41,8 @@ pub struct TrainOptions {
     pub init: Option<PathBuf>,
     /// Weight of the tumour class in the loss (background and liver weigh 1).
     pub tumour_weight: f64,
+    /// Batch normalisation after each convolution.
+    pub batch_norm: bool,
     /// Show a progress bar on stderr.
     pub progress: bool,
 }
@@ -58,6 +61,7 @@ impl Default for TrainOptions {
             device: Device::Cpu,
             init: None,
             tumour_weight: 2.0,
+            batch_norm: true,
             progress: true,
         }
     }
@@ -125,8 +129,12 @@ struct Study {
     slices: Tensor,
     labels: Vec<u8>,
     shape: [usize; 3],
+    spacing: [f64; 3],
     /// Candidate crop centres (linear voxel indices) per sampling category.
     pools: [Vec<u32>; 5],
+    /// The tumour voxels of each lesion (26-connected component): tumour crops pick a lesion
+    /// first, so small lesions are seen as often as large ones.
+    lesions: Vec<Vec<u32>>,
 }
 
 const CATEGORY_WEIGHTS: [f64; 5] = [0.3, 0.2, 0.15, 0.2, 0.15];
@@ -192,6 +200,21 @@ fn load_study(
             }
         }
     }
+    let comps = crate::lesions::Components::label(
+        l,
+        ct.geometry().shape(),
+        |v| v == label::TUMOUR,
+        crate::lesions::Connectivity::TwentySix,
+    );
+    let mut lesions = vec![Vec::new(); comps.count()];
+    for (r, c) in comps.runs() {
+        let base = r.row * nx as u32;
+        lesions[c as usize - 1].extend((r.start..r.end).map(|x| base + x));
+    }
+    let lesions = lesions
+        .into_iter()
+        .map(|v| subsample(v, 20_000, rng))
+        .collect();
     let pools = [
         subsample(tumour, 50_000, rng),
         subsample(boundary, 50_000, rng),
@@ -203,48 +226,78 @@ fn load_study(
         slices: infer::prepare(ct, spec, patch),
         labels: l.to_vec(),
         shape: ct.geometry().shape(),
+        spacing: ct.geometry().spacing_mm(),
         pools,
+        lesions,
     }
 }
 
-/// Copies ImageNet VGG16 convolution weights (torchvision names) into a full-width network.
-fn init_from_imagenet(vs: &mut nn::VarStore, path: &Path) -> Result<usize, TrainError> {
+/// Copies ImageNet VGG16 weights (torchvision names: `vgg16`, or `vgg16_bn` for a network with
+/// batch normalisation) into the convolutions of a full-width network.
+fn init_from_imagenet(
+    vs: &mut nn::VarStore,
+    path: &Path,
+    batch_norm: bool,
+) -> Result<usize, TrainError> {
     let tensors = Tensor::read_safetensors(path).map_err(|e| ModelError::Weights {
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    let features = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28];
-    let names: Vec<String> = [(1, 2), (2, 2), (3, 3), (4, 3), (5, 3)]
+    let features: [usize; 13] = if batch_norm {
+        [0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40]
+    } else {
+        [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    };
+    let names: Vec<(usize, usize)> = [(1, 2), (2, 2), (3, 3), (4, 3), (5, 3)]
         .iter()
-        .flat_map(|&(b, n)| (1..=n).map(move |i| format!("block{b}.conv{i}")))
+        .flat_map(|&(b, n)| (1..=n).map(move |i| (b, i)))
         .collect();
+    // (torchvision name, ours) for every tensor to copy.
+    let mut pairs = Vec::new();
+    for (&(b, i), f) in names.iter().zip(features) {
+        for part in ["weight", "bias"] {
+            pairs.push((
+                format!("features.{f}.{part}"),
+                format!("block{b}.conv{i}.{part}"),
+            ));
+        }
+        if batch_norm {
+            for (theirs, ours) in [
+                ("weight", "weight"),
+                ("bias", "bias"),
+                ("running_mean", "running_mean"),
+                ("running_var", "running_var"),
+            ] {
+                pairs.push((
+                    format!("features.{}.{theirs}", f + 1),
+                    format!("block{b}.bn{i}.{ours}"),
+                ));
+            }
+        }
+    }
+    let variant = if batch_norm { "vgg16_bn" } else { "vgg16" };
     let mut vars = vs.variables();
     let mut copied = 0;
-    for (name, f) in names.iter().zip(features) {
-        for part in ["weight", "bias"] {
-            let src = tensors
-                .iter()
-                .find(|(n, _)| *n == format!("features.{f}.{part}"));
-            let dst = vars.get_mut(&format!("{name}.{part}"));
-            match (src, dst) {
-                (Some((_, s)), Some(d)) if s.size() == d.size() => {
-                    tch::no_grad(|| d.copy_(s));
-                    copied += 1;
-                }
-                (Some((_, s)), Some(d)) => {
-                    return Err(TrainError::Data(format!(
-                        "{}: features.{f}.{part} has shape {:?}, the network needs {:?} (use --width 1)",
-                        path.display(),
-                        s.size(),
-                        d.size()
-                    )));
-                }
-                _ => {
-                    return Err(TrainError::Data(format!(
-                        "{}: features.{f}.{part} not found (expected torchvision VGG16 names)",
-                        path.display()
-                    )));
-                }
+    for (theirs, ours) in &pairs {
+        let src = tensors.iter().find(|(n, _)| n == theirs);
+        match (src, vars.get_mut(ours)) {
+            (Some((_, s)), Some(d)) if s.size() == d.size() => {
+                tch::no_grad(|| d.copy_(s));
+                copied += 1;
+            }
+            (Some((_, s)), Some(d)) => {
+                return Err(TrainError::Data(format!(
+                    "{}: {theirs} has shape {:?}, the network needs {:?} (use --width 1)",
+                    path.display(),
+                    s.size(),
+                    d.size()
+                )));
+            }
+            _ => {
+                return Err(TrainError::Data(format!(
+                    "{}: {theirs} not found (expected torchvision {variant} names)",
+                    path.display()
+                )));
             }
         }
     }
@@ -268,7 +321,14 @@ pub fn train(
             studies.len()
         )));
     }
-    let arch = Architecture::vgg16(opts.width, opts.patch).map_err(TrainError::Data)?;
+    let mut arch = Architecture::vgg16(opts.width, opts.patch).map_err(TrainError::Data)?;
+    arch.batch_norm = opts.batch_norm;
+    if !(opts.tumour_weight.is_finite() && opts.tumour_weight > 0.0) {
+        return Err(TrainError::Data(format!(
+            "tumour weight {}: must be a positive number",
+            opts.tumour_weight
+        )));
+    }
     let spec = InputSpec::default();
     let mut rng = Rng::new(opts.seed, 0x7a11);
     // Held-out split: one study in six (at least one), chosen by the seed.
@@ -319,7 +379,7 @@ pub fn train(
             super::Imp::Native { vs, .. } => vs,
             super::Imp::Script(_) => unreachable!("fresh models are native"),
         };
-        let n = init_from_imagenet(vs, p)?;
+        let n = init_from_imagenet(vs, p, arch.batch_norm)?;
         tracing::info!(
             tensors = n,
             "convolutions initialised from ImageNet weights"
@@ -427,31 +487,18 @@ pub fn train(
             }
         });
     }
-    // Calibrate the tumour threshold on the held-out studies.
+    // Calibrate the tumour threshold (extent) and the seed threshold (a component's peak) on
+    // the held-out studies.
     let maps: Vec<_> = val_set
         .iter()
         .map(|(_, ct, _)| infer::probabilities(&clf, ct, &infer_opts, opts.device))
         .collect();
-    let mut best_t = (0.5f32, f64::NEG_INFINITY);
-    for step in 0..=12 {
-        let t = 0.3 + 0.05 * step as f32;
-        let per: Vec<_> = val_set
-            .iter()
-            .zip(&maps)
-            .map(|((_, ct, truth), m)| {
-                let pred = infer::mask_from(m, ct, &infer_opts, t);
-                metrics::evaluate(truth, &pred).expect("same grid")
-            })
-            .collect();
-        let score = metrics::aggregate(&per).tumour.dice_per_case.unwrap_or(0.0);
-        if score > best_t.1 + 1e-9 {
-            best_t = (t, score);
-        }
-    }
+    let (threshold, seed, calibrated) = calibrate(&val_set, &maps, &infer_opts);
     tracing::info!(
-        threshold = best_t.0,
-        dice = best_t.1,
-        "tumour threshold calibrated"
+        threshold,
+        seed,
+        dice = calibrated,
+        "tumour thresholds calibrated"
     );
     std::fs::create_dir_all(out).map_err(|source| TrainError::Write {
         path: out.display().to_string(),
@@ -497,16 +544,18 @@ pub fn train(
             "optimizer": "Adam",
             "loss": "cross-entropy on patch centres",
             "class_weights": [1.0, 1.0, opts.tumour_weight],
-            "sampling": {"tumour": CATEGORY_WEIGHTS[0], "boundary": CATEGORY_WEIGHTS[1],
+            "sampling": {"tumour (per lesion)": CATEGORY_WEIGHTS[0], "boundary": CATEGORY_WEIGHTS[1],
                          "liver": CATEGORY_WEIGHTS[2], "background_near_liver": CATEGORY_WEIGHTS[3],
                          "body": CATEGORY_WEIGHTS[4]},
+            "synthetic_lesions": format!("{PAINT_PROBABILITY} of liver and boundary crops: ellipsoids 5–40 mm, 8–50 HU darker, 1 in 6 with an enhancing rim, clipped to the liver"),
             "augmentation": "flips and transposes of the crop (8), HU gain x[0.9, 1.1], offset ±20 HU, Gaussian noise σ 4 HU",
             "init": opts.init.as_ref().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
             "device": format!("{:?}", opts.device),
             "duration_s": t0.elapsed().as_secs_f64(),
         }));
         c.validation = history;
-        c.tumour_threshold = Some(best_t.0);
+        c.tumour_threshold = Some(threshold);
+        c.tumour_seed_threshold = Some(seed);
         c.clone()
     };
     let card_path = out.join(CARD_FILE);
@@ -521,6 +570,35 @@ pub fn train(
         source,
     })?;
     Ok(card)
+}
+
+/// The (tumour threshold, seed threshold) pair with the best tumour Dice per case on the
+/// held-out studies, and that Dice. Ties keep the lower thresholds (better recall).
+fn calibrate(
+    val_set: &[(String, CtVolume, LabelVolume)],
+    maps: &[infer::ProbabilityMaps],
+    opts: &InferOptions,
+) -> (f32, f32, f64) {
+    let mut best = (0.5f32, 0.5f32, f64::NEG_INFINITY);
+    for step in 0..=12 {
+        let t = 0.3 + 0.05 * step as f32;
+        let seeds = [0.8, 0.9, 0.95, 0.98].into_iter().filter(|&s| s > t);
+        for seed in std::iter::once(t).chain(seeds) {
+            let per: Vec<_> = val_set
+                .iter()
+                .zip(maps)
+                .map(|((_, ct, truth), m)| {
+                    let pred = infer::mask_from(m, ct, opts, t, seed);
+                    metrics::evaluate(truth, &pred).expect("same grid")
+                })
+                .collect();
+            let score = metrics::aggregate(&per).tumour.dice_per_case.unwrap_or(0.0);
+            if score > best.2 + 1e-9 {
+                best = (t, seed, score);
+            }
+        }
+    }
+    best
 }
 
 /// A batch of crops (B, C, crop, crop) and their patch-centre labels (B, n, n).
@@ -551,6 +629,14 @@ fn batch(
         let pool = (0..5)
             .map(|d| &s.pools[(cat + d) % 5])
             .find(|p| !p.is_empty());
+        let pool = match pool {
+            Some(p) if std::ptr::eq(p, &s.pools[0]) && !s.lesions.is_empty() => {
+                Some(&s.lesions[rng.below(s.lesions.len())])
+            }
+            p => p,
+        };
+        let from_liver =
+            pool.is_some_and(|p| std::ptr::eq(p, &s.pools[1]) || std::ptr::eq(p, &s.pools[2]));
         let centre = pool.map_or(0, |p| p[rng.below(p.len())] as usize);
         let (cx, cy, k) = (centre % nx, (centre / nx) % ny, centre / (nx * ny));
         let max_x0 = (s.slices.size()[2] - crop).max(0);
@@ -570,6 +656,10 @@ fn batch(
                 };
                 grid.push(i64::from(lab));
             }
+        }
+        if from_liver && s.labels[centre] == label::LIVER && rng.unit() < PAINT_PROBABILITY {
+            let at = Crop { x0, y0, k, n };
+            x = paint_lesion(&x, &mut grid, s, spec, &at, [cx, cy], rng);
         }
         // One of the 8 flips and transposes of the square, applied to the crop and its grid
         // alike (patch centres map onto patch centres).
@@ -593,10 +683,245 @@ fn batch(
     (Tensor::stack(&xs, 0), Tensor::stack(&ys, 0))
 }
 
+/// Share of liver and liver-boundary crops that get a synthetic lesion.
+const PAINT_PROBABILITY: f64 = 0.5;
+
+/// Where a training crop lies: its padded origin, slice, and outputs per side.
+struct Crop {
+    x0: i64,
+    y0: i64,
+    k: usize,
+    n: i64,
+}
+
+/// Paints a synthetic lesion centred at liver pixel `c` of the crop's slice: a rotated
+/// ellipsoid 5–40 mm across (log-uniform), 8–50 HU darker than the tissue it replaces, one in
+/// six with an enhancing rim, soft-edged over ~1.5 mm, clipped to the liver in every channel's
+/// slice; patch centres inside it become tumour. The tissue's own noise and texture stay.
+fn paint_lesion(
+    x: &Tensor,
+    grid: &mut [i64],
+    s: &Study,
+    spec: &InputSpec,
+    at: &Crop,
+    c: [usize; 2],
+    rng: &mut Rng,
+) -> Tensor {
+    let [nx, ny, nz] = s.shape;
+    let [sx, sy, sz] = s.spacing;
+    let size = x.size();
+    let (chans, side) = (size[0] as usize, size[1] as usize);
+    let h = (side as i64 - 2 * (at.n - 1) - 1) / 2;
+    let r = (rng.range(5f64.ln(), 40f64.ln())).exp() / 2.0;
+    let radii = [
+        r * rng.range(0.8, 1.2),
+        r * rng.range(0.8, 1.2),
+        r * rng.range(0.8, 1.2),
+    ];
+    let mean_r = (radii[0] * radii[1] * radii[2]).cbrt();
+    let (sin, cos) = rng.range(0.0, std::f64::consts::PI).sin_cos();
+    let z0 = rng.range(-0.5, 0.5) * sz;
+    let kind = rng.unit();
+    let contrast = if kind < 0.2 {
+        rng.range(8.0, 15.0)
+    } else {
+        rng.range(15.0, 50.0)
+    };
+    let rim = (kind > 5.0 / 6.0).then(|| (rng.range(25.0, 40.0), rng.range(2.0, 4.0).min(r * 0.4)));
+    let per_hu = 2.0 / f64::from(spec.window_hu[1] - spec.window_hu[0]);
+    // Depth below the lesion surface in mm (negative outside) at pixel (px, py), z mm from
+    // the slice.
+    let depth = |px: i64, py: i64, z: f64| {
+        let (dx, dy) = (
+            (px - c[0] as i64) as f64 * sx,
+            (py - c[1] as i64) as f64 * sy,
+        );
+        let (a, b) = (cos * dx + sin * dy, -sin * dx + cos * dy);
+        let q = [a / radii[0], b / radii[1], (z - z0) / radii[2]];
+        (1.0 - (q[0] * q[0] + q[1] * q[1] + q[2] * q[2]).sqrt()) * mean_r
+    };
+    let liver_at = |px: i64, py: i64, kk: usize| {
+        px >= 0
+            && py >= 0
+            && (px as usize) < nx
+            && (py as usize) < ny
+            && s.labels[px as usize + nx * (py as usize + ny * kk)] >= label::LIVER
+    };
+    let mut data: Vec<f32> = Vec::<f32>::try_from(x.contiguous().view([-1])).expect("f32 crop");
+    let reach_x = ((radii[0].max(radii[1]) + 2.0) / sx).ceil() as i64;
+    let reach_y = ((radii[0].max(radii[1]) + 2.0) / sy).ceil() as i64;
+    for (ci, &o) in spec.slice_offsets.iter().enumerate().take(chans) {
+        let kk = (at.k as i64 + o).clamp(0, nz as i64 - 1) as usize;
+        let z = (kk as f64 - at.k as f64) * sz;
+        for py in c[1] as i64 - reach_y..=c[1] as i64 + reach_y {
+            let j = py - at.y0 + h;
+            if j < 0 || j >= side as i64 {
+                continue;
+            }
+            for px in c[0] as i64 - reach_x..=c[0] as i64 + reach_x {
+                let i = px - at.x0 + h;
+                if i < 0 || i >= side as i64 || !liver_at(px, py, kk) {
+                    continue;
+                }
+                let d = depth(px, py, z);
+                if d < -0.75 {
+                    continue;
+                }
+                let w = (d / 1.5 + 0.5).clamp(0.0, 1.0);
+                let delta = match rim {
+                    Some((boost, width)) if d < width => boost,
+                    _ => -contrast,
+                };
+                data[ci * side * side + j as usize * side + i as usize] +=
+                    (w * delta * per_hu) as f32;
+            }
+        }
+    }
+    for v in 0..at.n {
+        for u in 0..at.n {
+            let (px, py) = (at.x0 + 2 * u, at.y0 + 2 * v);
+            if liver_at(px, py, at.k) && depth(px, py, 0.0) >= 0.0 {
+                grid[(v * at.n + u) as usize] = i64::from(label::TUMOUR);
+            }
+        }
+    }
+    Tensor::from_slice(&data).view([size[0], size[1], size[2]])
+}
+
 /// Intensity augmentation in the windowed space (the window spans 400 HU over [-1, 1]).
 fn augment(x: &Tensor, rng: &mut Rng) -> Tensor {
     let gain = rng.range(0.9, 1.1);
     let offset = rng.range(-20.0, 20.0) / 200.0;
     let noise = x.randn_like() * (4.0 / 200.0);
     (x * gain + offset + noise).clamp(-1.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// torchvision-named features of a full-width VGG16 (with or without batch norm), random.
+    fn torchvision_features(batch_norm: bool) -> Vec<(String, Tensor)> {
+        let widths = [
+            64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512,
+        ];
+        let (convs, step): ([usize; 13], usize) = if batch_norm {
+            ([0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40], 1)
+        } else {
+            ([0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28], 0)
+        };
+        let mut c_in = 3;
+        let mut out = Vec::new();
+        for (f, w) in convs.into_iter().zip(widths) {
+            let t = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
+            out.push((format!("features.{f}.weight"), t(&[w, c_in, 3, 3])));
+            out.push((format!("features.{f}.bias"), t(&[w])));
+            if step == 1 {
+                for part in ["weight", "bias", "running_mean", "running_var"] {
+                    out.push((format!("features.{}.{part}", f + 1), t(&[w])));
+                }
+            }
+            c_in = w;
+        }
+        out
+    }
+
+    #[test]
+    fn painted_lesions_stay_in_the_liver_and_label_their_centres() {
+        use crate::volume::Geometry;
+        let shape = [40, 40, 3];
+        let g = Geometry::new(
+            shape,
+            [1.5, 1.5, 4.0],
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+            [0.0; 3],
+        )
+        .unwrap();
+        let liver = |i: usize, j: usize| (8..32).contains(&i) && (10..30).contains(&j);
+        let (mut hu, mut labels) = (vec![-90.0f32; g.len()], vec![0u8; g.len()]);
+        for k in 0..3 {
+            for j in 0..40 {
+                for i in 0..40 {
+                    if liver(i, j) {
+                        hu[g.index(i, j, k)] = 60.0;
+                        labels[g.index(i, j, k)] = label::LIVER;
+                    }
+                }
+            }
+        }
+        let ct = CtVolume::new(g.clone(), hu).unwrap();
+        let mask = LabelVolume::new(g, labels).unwrap();
+        let spec = InputSpec::default();
+        let mut rng = Rng::new(3, 1);
+        let study = load_study(&ct, &mask, &spec, 59, &mut rng);
+        let (n, c) = (4i64, [20usize, 20usize]);
+        let at = Crop {
+            x0: 14,
+            y0: 14,
+            k: 1,
+            n,
+        };
+        let crop = 59 + 2 * (n - 1);
+        let x = infer::channels(&study.slices, &spec, 1)
+            .narrow(1, at.y0, crop)
+            .narrow(2, at.x0, crop);
+        let before = Vec::<f32>::try_from(x.contiguous().view([-1])).unwrap();
+        let (mut painted, mut darker) = (0, 0);
+        for _ in 0..20 {
+            let mut grid = vec![i64::from(label::LIVER); (n * n) as usize];
+            let y = paint_lesion(&x, &mut grid, &study, &spec, &at, c, &mut rng);
+            let after = Vec::<f32>::try_from(y.contiguous().view([-1])).unwrap();
+            let side = crop as usize;
+            for (idx, (a, b)) in after.iter().zip(&before).enumerate() {
+                let (i, j) = (idx % side, (idx / side) % side);
+                let (px, py) = (i as i64 + at.x0 - 29, j as i64 + at.y0 - 29);
+                if a != b {
+                    assert!(
+                        px >= 0 && py >= 0 && liver(px as usize, py as usize),
+                        "{px},{py}"
+                    );
+                    darker += usize::from(a < b);
+                }
+            }
+            // Grid centres (x0 + 2u, y0 + 2v) are liver pixels here: some become tumour.
+            painted += grid
+                .iter()
+                .filter(|&&v| v == i64::from(label::TUMOUR))
+                .count();
+        }
+        assert!(painted > 0 && darker > 0, "{painted} {darker}");
+    }
+
+    #[test]
+    fn imagenet_weights_fill_both_variants_and_a_narrow_net_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for batch_norm in [false, true] {
+            let tensors = torchvision_features(batch_norm);
+            let path = dir.path().join(format!("vgg16-{batch_norm}.safetensors"));
+            Tensor::write_safetensors(&tensors, &path).unwrap();
+            let mut arch = Architecture::vgg16(1.0, 59).unwrap();
+            arch.batch_norm = batch_norm;
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let _net = super::super::net::Vgg::new(&vs.root(), &arch);
+            let n = init_from_imagenet(&mut vs, &path, batch_norm).unwrap();
+            assert_eq!(n, if batch_norm { 13 * 6 } else { 13 * 2 });
+            let vars = vs.variables();
+            let find = |name: &str| &tensors.iter().find(|(n, _)| n == name).unwrap().1;
+            let last = if batch_norm { 40 } else { 28 };
+            assert!(vars["block5.conv3.weight"].equal(find(&format!("features.{last}.weight"))));
+            if batch_norm {
+                assert!(vars["block5.bn3.running_var"].equal(find("features.41.running_var")));
+            }
+            // The other variant's names are not there: a clear error, not a silent partial copy.
+            let err = init_from_imagenet(&mut vs, &path, !batch_norm).unwrap_err();
+            assert!(err.to_string().contains("not found"), "{err}");
+        }
+        // A narrow network cannot take full-width weights.
+        let path = dir.path().join("vgg16-true.safetensors");
+        let arch = Architecture::vgg16(0.125, 59).unwrap();
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let _net = super::super::net::Vgg::new(&vs.root(), &arch);
+        let err = init_from_imagenet(&mut vs, &path, true).unwrap_err();
+        assert!(err.to_string().contains("--width 1"), "{err}");
+    }
 }
