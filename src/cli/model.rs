@@ -30,20 +30,20 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Patch side in pixels (59 + an even number).
-    #[arg(long, default_value_t = 59)]
+    #[arg(long, default_value_t = TrainOptions::default().patch)]
     pub patch: i64,
     /// Width multiplier of the VGG16 layers (1 = the real VGG16 widths).
-    #[arg(long, default_value_t = 0.125)]
+    #[arg(long, default_value_t = TrainOptions::default().width)]
     pub width: f64,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = TrainOptions::default().epochs)]
     pub epochs: usize,
     /// Optimisation steps per epoch.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = TrainOptions::default().steps_per_epoch)]
     pub steps: usize,
     /// Crops per step (each crop trains 16 × 16 patches).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = TrainOptions::default().batch)]
     pub batch: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = TrainOptions::default().lr)]
     pub lr: f64,
     #[arg(long, default_value = "auto")]
     pub device: String,

@@ -52,7 +52,7 @@ impl Default for TrainOptions {
         Self {
             patch: 59,
             width: 0.125,
-            epochs: 12,
+            epochs: 16,
             steps_per_epoch: 400,
             batch: 8,
             crop_outputs: 16,
@@ -60,7 +60,7 @@ impl Default for TrainOptions {
             seed: 0,
             device: Device::Cpu,
             init: None,
-            tumour_weight: 2.0,
+            tumour_weight: 3.0,
             batch_norm: true,
             progress: true,
         }
