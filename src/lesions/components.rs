@@ -155,6 +155,20 @@ impl Components {
             .copied()
             .zip(self.run_label.iter().copied())
     }
+    /// Sets every voxel of the components `pick` chooses (by 1-based label) to `value` in
+    /// `labels` (the volume they were found in). Returns the voxels set.
+    pub fn fill(&self, labels: &mut [u8], pick: impl Fn(u32) -> bool, value: u8) -> u64 {
+        let nx = self.shape[0];
+        let mut set = 0;
+        for (r, l) in self.runs() {
+            if pick(l) {
+                let base = r.row as usize * nx;
+                labels[base + r.start as usize..base + r.end as usize].fill(value);
+                set += u64::from(r.end - r.start);
+            }
+        }
+        set
+    }
     /// Voxel count of each component; index 0 is unused (background).
     pub fn sizes(&self) -> Vec<u64> {
         let mut s = vec![0u64; self.count + 1];

@@ -21,17 +21,7 @@ pub fn keep_largest_liver(mask: &mut LabelVolume) -> u64 {
     let keep = (1..sizes.len())
         .max_by_key(|&c| (sizes[c], std::cmp::Reverse(c)))
         .unwrap_or(1) as u32;
-    let nx = shape[0];
-    let mut removed = 0;
-    let labels = mask.labels_mut();
-    for (r, l) in comps.runs() {
-        if l != keep {
-            let base = r.row as usize * nx;
-            labels[base + r.start as usize..base + r.end as usize].fill(label::BACKGROUND);
-            removed += u64::from(r.end - r.start);
-        }
-    }
-    removed
+    comps.fill(mask.labels_mut(), |l| l != keep, label::BACKGROUND)
 }
 
 /// Removes every tumour component (26-connected) that comes no closer than `margin_mm` to
@@ -93,16 +83,11 @@ pub fn drop_tumour_outside_liver(mask: &mut LabelVolume, margin_mm: f64) -> u64 
         }
     }
     let limit = margin_mm * margin_mm;
-    let labels = mask.labels_mut();
-    let mut removed = 0;
-    for (r, l) in comps.runs() {
-        if nearest[l as usize] > limit {
-            let base = r.row as usize * nx;
-            labels[base + r.start as usize..base + r.end as usize].fill(label::BACKGROUND);
-            removed += u64::from(r.end - r.start);
-        }
-    }
-    removed
+    comps.fill(
+        mask.labels_mut(),
+        |l| nearest[l as usize] > limit,
+        label::BACKGROUND,
+    )
 }
 
 /// Relabels tumour components smaller than `min_ml` as liver (they lie in the liver).
@@ -119,14 +104,7 @@ pub fn drop_small_tumours(mask: &mut LabelVolume, min_ml: f64) -> usize {
     );
     let sizes = comps.sizes();
     let small: Vec<bool> = sizes.iter().map(|&n| (n as f64) * ml < min_ml).collect();
-    let nx = shape[0];
-    let labels = mask.labels_mut();
-    for (r, l) in comps.runs() {
-        if small[l as usize] {
-            let base = r.row as usize * nx;
-            labels[base + r.start as usize..base + r.end as usize].fill(label::LIVER);
-        }
-    }
+    comps.fill(mask.labels_mut(), |l| small[l as usize], label::LIVER);
     small.iter().skip(1).filter(|&&s| s).count()
 }
 

@@ -308,6 +308,22 @@ pub fn probabilities(
     }
 }
 
+impl ProbabilityMaps {
+    /// Class `c`'s probability in slice `k`, blended bilinearly between the grid nodes
+    /// (u0, v0)–(u1, v1) with weights `tx`, `ty` of the second ones (see `lerp_cell`).
+    #[inline]
+    fn blend(&self, c: usize, k: usize, (u0, u1, tx): Cell, (v0, v1, ty): Cell) -> f32 {
+        let base = k * self.nu * self.nv;
+        let at = |u: usize, v: usize| self.probs[c][base + v * self.nu + u];
+        let a = at(u0, v0) * (1.0 - tx) + at(u1, v0) * tx;
+        let b = at(u0, v1) * (1.0 - tx) + at(u1, v1) * tx;
+        a * (1.0 - ty) + b * ty
+    }
+}
+
+/// Two neighbouring grid nodes and the weight of the second.
+type Cell = (usize, usize, f32);
+
 /// Bilinear interpolation of the probability maps to every voxel, argmax into labels
 /// (outside the evaluated box: background).
 ///
@@ -316,27 +332,20 @@ pub fn probabilities(
 pub fn reassemble(maps: &ProbabilityMaps, shape: [usize; 3], tumour_threshold: f32) -> Vec<u8> {
     let [nx, ny, nz] = shape;
     let s = maps.stride as f32;
-    let plane = maps.nu * maps.nv;
     let mut labels = vec![0u8; nx * ny * nz];
     labels
         .par_chunks_mut(nx * ny)
         .enumerate()
         .for_each(|(k, out)| {
             for y in 0..ny {
-                let Some((v0, v1, ty)) = lerp_cell(y, maps.y0, s, maps.nv) else {
+                let Some(cy) = lerp_cell(y, maps.y0, s, maps.nv) else {
                     continue;
                 };
                 for x in 0..nx {
-                    let Some((u0, u1, tx)) = lerp_cell(x, maps.x0, s, maps.nu) else {
+                    let Some(cx) = lerp_cell(x, maps.x0, s, maps.nu) else {
                         continue;
                     };
-                    let at =
-                        |c: usize, u: usize, v: usize| maps.probs[c][k * plane + v * maps.nu + u];
-                    let p = |c: usize| {
-                        let a = at(c, u0, v0) * (1.0 - tx) + at(c, u1, v0) * tx;
-                        let b = at(c, u0, v1) * (1.0 - tx) + at(c, u1, v1) * tx;
-                        a * (1.0 - ty) + b * ty
-                    };
+                    let p = |c: usize| maps.blend(c, k, cx, cy);
                     let (p0, p1, p2) = (p(0), p(1), p(2));
                     out[x + nx * y] = if p1 + p2 < p0 {
                         0
@@ -355,24 +364,20 @@ pub fn reassemble(maps: &ProbabilityMaps, shape: [usize; 3], tumour_threshold: f
 /// (0 outside the evaluated box).
 fn probability_at(maps: &ProbabilityMaps, c: usize, x: usize, y: usize, k: usize) -> f32 {
     let s = maps.stride as f32;
-    let (Some((u0, u1, tx)), Some((v0, v1, ty))) = (
+    match (
         lerp_cell(x, maps.x0, s, maps.nu),
         lerp_cell(y, maps.y0, s, maps.nv),
-    ) else {
-        return 0.0;
-    };
-    let base = k * maps.nu * maps.nv;
-    let at = |u: usize, v: usize| maps.probs[c][base + v * maps.nu + u];
-    let a = at(u0, v0) * (1.0 - tx) + at(u1, v0) * tx;
-    let b = at(u0, v1) * (1.0 - tx) + at(u1, v1) * tx;
-    a * (1.0 - ty) + b * ty
+    ) {
+        (Some(cx), Some(cy)) => maps.blend(c, k, cx, cy),
+        _ => 0.0,
+    }
 }
 
 /// Turns tumour components (26-connected) whose peak tumour probability stays below `seed`
 /// into liver. Returns the number of components changed.
 pub fn drop_weak_tumours(maps: &ProbabilityMaps, mask: &mut LabelVolume, seed: f32) -> usize {
     let shape = mask.geometry().shape();
-    let [nx, ny, _] = shape;
+    let ny = shape[1];
     let comps = lesions::Components::label(
         mask.labels(),
         shape,
@@ -390,19 +395,13 @@ pub fn drop_weak_tumours(maps: &ProbabilityMaps, mask: &mut LabelVolume, seed: f
             *p = p.max(probability_at(maps, 2, x, y, k));
         }
     }
-    let labels = mask.labels_mut();
-    for (r, l) in comps.runs() {
-        if peak[l as usize] < seed {
-            let base = r.row as usize * nx;
-            labels[base + r.start as usize..base + r.end as usize].fill(label::LIVER);
-        }
-    }
+    comps.fill(mask.labels_mut(), |l| peak[l as usize] < seed, label::LIVER);
     peak.iter().skip(1).filter(|&&p| p < seed).count()
 }
 
 /// The two grid nodes around pixel `p` of a grid starting at `origin` with spacing `s` and `n`
 /// nodes, and the weight of the second; None outside the grid.
-fn lerp_cell(p: usize, origin: usize, s: f32, n: usize) -> Option<(usize, usize, f32)> {
+fn lerp_cell(p: usize, origin: usize, s: f32, n: usize) -> Option<Cell> {
     let f = (p as f32 - origin as f32) / s;
     if f < 0.0 || f > (n - 1) as f32 {
         return None;

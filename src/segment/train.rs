@@ -130,11 +130,12 @@ struct Study {
     labels: Vec<u8>,
     shape: [usize; 3],
     spacing: [f64; 3],
-    /// Candidate crop centres (linear voxel indices) per sampling category.
-    pools: [Vec<u32>; 5],
-    /// The tumour voxels of each lesion (26-connected component): tumour crops pick a lesion
-    /// first, so small lesions are seen as often as large ones.
+    /// The tumour voxels of each lesion (26-connected component), the candidate centres of
+    /// category 0: tumour crops pick a lesion first, so small lesions are seen as often as
+    /// large ones.
     lesions: Vec<Vec<u32>>,
+    /// Candidate crop centres (linear voxel indices) of categories 1–4.
+    pools: [Vec<u32>; 4],
 }
 
 const CATEGORY_WEIGHTS: [f64; 5] = [0.3, 0.2, 0.15, 0.2, 0.15];
@@ -160,8 +161,7 @@ fn load_study(
     let [nx, ny, _] = ct.geometry().shape();
     let l = mask.labels();
     let hu = ct.hu();
-    let (mut tumour, mut boundary, mut liver, mut near, mut body) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut boundary, mut liver, mut near, mut body) = (vec![], vec![], vec![], vec![]);
     let (mut lo, mut hi) = ([usize::MAX; 2], [0usize; 2]);
     for (i, &v) in l.iter().enumerate() {
         if v >= label::LIVER {
@@ -181,7 +181,7 @@ fn load_study(
         .iter()
         .any(|&(ok, d)| ok && l[(i as isize - d) as usize] != v);
         match v {
-            label::TUMOUR => tumour.push(i as u32),
+            label::TUMOUR => {}
             label::LIVER if edge => boundary.push(i as u32),
             label::LIVER => liver.push(i as u32),
             _ if edge => boundary.push(i as u32),
@@ -216,7 +216,6 @@ fn load_study(
         .map(|v| subsample(v, 20_000, rng))
         .collect();
     let pools = [
-        subsample(tumour, 50_000, rng),
         subsample(boundary, 50_000, rng),
         subsample(liver, 50_000, rng),
         subsample(near, 50_000, rng),
@@ -626,17 +625,16 @@ fn batch(
             pick -= w;
             cat = c;
         }
-        let pool = (0..5)
-            .map(|d| &s.pools[(cat + d) % 5])
-            .find(|p| !p.is_empty());
-        let pool = match pool {
-            Some(p) if std::ptr::eq(p, &s.pools[0]) && !s.lesions.is_empty() => {
-                Some(&s.lesions[rng.below(s.lesions.len())])
-            }
-            p => p,
+        let cat = (0..5).map(|d| (cat + d) % 5).find(|&c| match c {
+            0 => !s.lesions.is_empty(),
+            c => !s.pools[c - 1].is_empty(),
+        });
+        let pool = match cat {
+            Some(0) => Some(&s.lesions[rng.below(s.lesions.len())]),
+            Some(c) => Some(&s.pools[c - 1]),
+            None => None,
         };
-        let from_liver =
-            pool.is_some_and(|p| std::ptr::eq(p, &s.pools[1]) || std::ptr::eq(p, &s.pools[2]));
+        let from_liver = matches!(cat, Some(1 | 2));
         let centre = pool.map_or(0, |p| p[rng.below(p.len())] as usize);
         let (cx, cy, k) = (centre % nx, (centre / nx) % ny, centre / (nx * ny));
         let max_x0 = (s.slices.size()[2] - crop).max(0);
