@@ -330,20 +330,31 @@ pub fn train(
     }
     let spec = InputSpec::default();
     let mut rng = Rng::new(opts.seed, 0x7a11);
-    // Held-out split: one study in six (at least one), chosen by the seed.
+    // Held-out split (chosen by the seed): one study in four, lesion-bearing studies first,
+    // with one lesion-free study among them when there are two or more.
     let mut order: Vec<usize> = (0..studies.len()).collect();
     for i in (1..order.len()).rev() {
         order.swap(i, rng.below(i + 1));
     }
-    let n_val = (studies.len() / 6).max(1);
-    let val_idx = &order[..n_val];
+    let mut masks = Vec::with_capacity(studies.len());
+    for s in &studies {
+        masks.push(Some(LabelVolume::read(&s.truth, limits)?));
+    }
+    let has_lesion: Vec<bool> = masks
+        .iter()
+        .map(|m| {
+            m.as_ref()
+                .is_some_and(|m| m.labels().contains(&label::TUMOUR))
+        })
+        .collect();
+    let val_idx = held_out(&order, &has_lesion);
 
     let mut data_record = Vec::new();
     let mut train_set = Vec::new();
     let mut val_set = Vec::new();
     for (i, s) in studies.iter().enumerate() {
         let ct = CtVolume::read(&s.volume, limits)?;
-        let mask = LabelVolume::read(&s.truth, limits)?;
+        let mask = masks[i].take().expect("each mask is used once");
         if !ct.geometry().same_grid(mask.geometry()) {
             return Err(TrainError::Data(format!(
                 "{}: not on the grid of {}",
@@ -354,12 +365,12 @@ pub fn train(
         let hash = |p: &Path| {
             super::sha256_file(p).map_err(|e| TrainError::Data(format!("{}: {e}", p.display())))
         };
-        let held_out = val_idx.contains(&i);
+        let validation = val_idx.contains(&i);
         data_record.push(json!({
             "study": s.id, "volume_sha256": hash(&s.volume)?, "segmentation_sha256": hash(&s.truth)?,
-            "split": if held_out { "validation" } else { "training" },
+            "split": if validation { "validation" } else { "training" },
         }));
-        if held_out {
+        if validation {
             val_set.push((s.id.clone(), ct, mask));
         } else {
             train_set.push(load_study(&ct, &mask, &spec, arch.patch, &mut rng));
@@ -569,6 +580,27 @@ pub fn train(
         source,
     })?;
     Ok(card)
+}
+
+/// The held-out studies: a quarter of them (at least one), taken in `order` — lesion-bearing
+/// studies first, so that calibration sees lesions, plus one lesion-free study when two or
+/// more are held out, so that it sees false positives too.
+fn held_out(order: &[usize], has_lesion: &[bool]) -> Vec<usize> {
+    let n_val = (order.len() / 4).max(1);
+    let mut out: Vec<usize> = Vec::with_capacity(n_val);
+    if n_val >= 2
+        && let Some(&free) = order.iter().find(|&&i| !has_lesion[i])
+    {
+        out.push(free);
+    }
+    for pass_lesions in [true, false] {
+        for &i in order {
+            if out.len() < n_val && has_lesion[i] == pass_lesions && !out.contains(&i) {
+                out.push(i);
+            }
+        }
+    }
+    out
 }
 
 /// The (tumour threshold, seed threshold) pair with the best tumour Dice per case on the
@@ -822,6 +854,19 @@ mod tests {
             c_in = w;
         }
         out
+    }
+
+    #[test]
+    fn held_out_studies_show_lesions_and_one_lesion_free_study() {
+        // 12 studies, 3 lesion-free: a quarter is held out, one of them lesion-free.
+        let has: Vec<bool> = (0..12).map(|i| i % 4 != 1).collect();
+        let order: Vec<usize> = (0..12).rev().collect();
+        let v = held_out(&order, &has);
+        assert_eq!(v, [9, 11, 10]);
+        // One held out: a lesion-bearing study even if a lesion-free one comes first.
+        assert_eq!(held_out(&[1, 0, 2, 3], &[true, false, true, true]), [0]);
+        // No lesions anywhere: still a quarter, in order.
+        assert_eq!(held_out(&[3, 2, 1, 0, 4, 5, 6, 7], &[false; 8]), [3, 2]);
     }
 
     #[test]

@@ -122,7 +122,14 @@ fn training_writes_a_model_that_segments_with_the_input_geometry() {
         serde_json::json!([4, 8, 16, 32, 32])
     );
     assert_eq!(card["validation"].as_array().unwrap().len(), 2);
-    assert_eq!(card["training"]["data"].as_array().unwrap().len(), 3);
+    let data_rows = card["training"]["data"].as_array().unwrap();
+    assert_eq!(data_rows.len(), 3);
+    // A quarter of the studies (at least one) is held out.
+    let held = data_rows
+        .iter()
+        .filter(|d| d["split"] == "validation")
+        .count();
+    assert_eq!(held, 1);
 
     let out = dir.path().join("mask.nii.gz");
     let o = hepaflow()
