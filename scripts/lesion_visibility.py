@@ -117,7 +117,8 @@ def main():
             n_ge10 += diam >= 10.0
             null = null_means(ct, m, free, args.copies, rng)
             mean = float(ct[m].mean())
-            found = "" if pred is None else ("    yes" if pred[m].any() else "     no")
+            hit = pred is not None and bool(pred[m].any())
+            found = "" if pred is None else ("    yes" if hit else "     no")
             if len(null) < 10:
                 dp = float("nan")
                 print(f"{k:>5} {i:>6} {vol:7.2f} {diam:8.1f} {mean:6.0f}      - (no room for copies)"
@@ -129,7 +130,7 @@ def main():
             if pred is not None and not np.isnan(dp):
                 band = min(int(dp), 5)
                 hits = bands.setdefault(band, [0, 0])
-                hits[0] += bool(pred[m].any())
+                hits[0] += hit
                 hits[1] += 1
             for d in THRESHOLDS:
                 if dp >= d:

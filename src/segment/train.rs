@@ -336,25 +336,21 @@ pub fn train(
     for i in (1..order.len()).rev() {
         order.swap(i, rng.below(i + 1));
     }
-    let mut masks = Vec::with_capacity(studies.len());
-    for s in &studies {
-        masks.push(Some(LabelVolume::read(&s.truth, limits)?));
-    }
+    let masks = studies
+        .iter()
+        .map(|s| LabelVolume::read(&s.truth, limits))
+        .collect::<Result<Vec<_>, _>>()?;
     let has_lesion: Vec<bool> = masks
         .iter()
-        .map(|m| {
-            m.as_ref()
-                .is_some_and(|m| m.labels().contains(&label::TUMOUR))
-        })
+        .map(|m| m.labels().contains(&label::TUMOUR))
         .collect();
     let val_idx = held_out(&order, &has_lesion);
 
     let mut data_record = Vec::new();
     let mut train_set = Vec::new();
     let mut val_set = Vec::new();
-    for (i, s) in studies.iter().enumerate() {
+    for (i, (s, mask)) in studies.iter().zip(masks).enumerate() {
         let ct = CtVolume::read(&s.volume, limits)?;
-        let mask = masks[i].take().expect("each mask is used once");
         if !ct.geometry().same_grid(mask.geometry()) {
             return Err(TrainError::Data(format!(
                 "{}: not on the grid of {}",
