@@ -55,6 +55,11 @@ pub struct TrainArgs {
     /// The plain VGG16, without batch normalisation after each convolution.
     #[arg(long)]
     pub no_batch_norm: bool,
+    /// In-plane pixel sizes the network works at: auto (the range of the training studies';
+    /// segmentation brings studies outside it to its nearer end), native (every study's own
+    /// pixels), or millimetres (training and segmentation resample every study to it).
+    #[arg(long, default_value_t = TrainOptions::default().pixel_size)]
+    pub pixel_mm: train::PixelSize,
     /// ImageNet weights (torchvision names, .safetensors: `vgg16_bn`, or `vgg16` with
     /// --no-batch-norm) to start the convolutions from; needs --width 1.
     #[arg(long)]
@@ -76,6 +81,7 @@ pub fn train(args: TrainArgs, settings: &Settings) -> CmdResult {
         tumour_weight: args.tumour_weight,
         batch_norm: !args.no_batch_norm,
         progress: true,
+        pixel_size: args.pixel_mm,
         ..TrainOptions::default()
     };
     let t = Instant::now();
@@ -109,6 +115,9 @@ pub struct InferArgs {
     /// Use float32 on a GPU instead of bfloat16.
     #[arg(long)]
     pub fp32: bool,
+    /// Mirror images of each slice whose probabilities are averaged in (x: 2 passes, xy: 4).
+    #[arg(long, value_enum, default_value_t = InferOptions::default().flips)]
+    pub flips: segment::infer::Flips,
     /// Tumour probability threshold (default: the model card's calibrated value).
     #[arg(long)]
     pub tumour_threshold: Option<f32>,
@@ -148,6 +157,7 @@ impl InferArgs {
             mode: self.mode,
             stride: self.stride,
             half_precision: !self.fp32,
+            flips: self.flips,
             tumour_threshold: self.tumour_threshold,
             tumour_seed_threshold: self.tumour_seed_threshold,
             min_tumour_ml: self.min_tumour_ml,

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::Classifier;
 use crate::lesions;
-use crate::volume::{CtVolume, LabelVolume, label};
+use crate::volume::{CtVolume, LabelVolume, label, resample};
 
 /// How the input channels are made from the CT; recorded in the model card.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -18,6 +18,12 @@ pub struct InputSpec {
     pub window_hu: [f32; 2],
     /// HU assumed outside the image (air).
     pub pad_hu: f32,
+    /// In-plane pixel sizes (mm) the network works at, [smallest, largest]: a study with finer
+    /// pixels is resampled to the smallest, one with coarser pixels to the largest, before the
+    /// network; its probabilities are read back on the study's own grid. None: every study's
+    /// own pixels (cards written before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_mm: Option<[f32; 2]>,
 }
 
 impl Default for InputSpec {
@@ -26,6 +32,7 @@ impl Default for InputSpec {
             slice_offsets: vec![-1, 0, 1],
             window_hu: [-160.0, 240.0],
             pad_hu: -1000.0,
+            pixel_mm: None,
         }
     }
 }
@@ -35,6 +42,53 @@ impl InputSpec {
     pub fn window(&self, hu: f32) -> f32 {
         let [lo, hi] = self.window_hu;
         ((hu - lo) / (hi - lo) * 2.0 - 1.0).clamp(-1.0, 1.0)
+    }
+
+    /// The in-plane pixel sizes (x, y) the network sees a study of grid `g` at: its own
+    /// clamped to `pixel_mm`; None when that leaves them as they are.
+    pub fn working_pixels(&self, g: &crate::volume::Geometry) -> Option<[f64; 2]> {
+        let [lo, hi] = self.pixel_mm?.map(f64::from);
+        let s = g.spacing_mm();
+        let target = [s[0].clamp(lo, hi), s[1].clamp(lo, hi)];
+        resample::in_plane_grid(g, target).map(|_| target)
+    }
+
+    /// The study as the network sees it (see `working_pixels`; borrowed when unchanged).
+    pub fn working_volume<'a>(&self, ct: &'a CtVolume) -> std::borrow::Cow<'a, CtVolume> {
+        match self.working_pixels(ct.geometry()) {
+            Some(p) => std::borrow::Cow::Owned(ct.resample_in_plane(p)),
+            None => std::borrow::Cow::Borrowed(ct),
+        }
+    }
+
+    /// A training mask on the grid of `working_volume`.
+    pub fn working_labels(&self, mask: LabelVolume) -> LabelVolume {
+        match self.working_pixels(mask.geometry()) {
+            Some(p) => mask.resample_in_plane(p),
+            None => mask,
+        }
+    }
+
+    /// Why this spec cannot be used, if it cannot.
+    pub fn validate(&self, in_channels: i64) -> Result<(), String> {
+        if self.slice_offsets.len() as i64 != in_channels {
+            return Err(format!(
+                "input: {} slice offsets for {in_channels} input channels",
+                self.slice_offsets.len()
+            ));
+        }
+        let [lo, hi] = self.window_hu;
+        if !(lo.is_finite() && hi.is_finite() && hi > lo) {
+            return Err(format!("input: window_hu [{lo}, {hi}] is empty"));
+        }
+        if let Some([lo, hi]) = self.pixel_mm
+            && !(lo.is_finite() && hi.is_finite() && lo > 0.0 && hi >= lo)
+        {
+            return Err(format!(
+                "input: pixel_mm [{lo}, {hi}] is not a range of positive sizes"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -52,6 +106,8 @@ pub struct InferOptions {
     pub min_tumour_ml: f64,
     /// Use bfloat16 on a GPU.
     pub half_precision: bool,
+    /// Mirror images whose probabilities are averaged in.
+    pub flips: Flips,
     /// Tumour where its probability reaches this (within liver: p(liver) + p(tumour) ≥
     /// p(background)); None: the model card's calibrated value, else 0.5.
     pub tumour_threshold: Option<f32>,
@@ -70,10 +126,23 @@ impl Default for InferOptions {
             tumour_margin_mm: 3.0,
             min_tumour_ml: 0.02,
             half_precision: true,
+            flips: Flips::None,
             tumour_threshold: None,
             tumour_seed_threshold: None,
         }
     }
+}
+
+/// Mirror images averaged into the probabilities (test-time augmentation).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Flips {
+    /// The slice as it is.
+    None,
+    /// The slice and its left-right mirror image (2 passes).
+    X,
+    /// The slice and its three mirror images (4 passes).
+    Xy,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -86,9 +155,12 @@ pub enum Mode {
 }
 
 /// Class probabilities on a grid of patch centres: `probs[c][(v * nu + u) + k * nu * nv]`
-/// for the centre at pixel (x0 + s·u, y0 + s·v) of slice k.
+/// for the centre at pixel (x0 + s·u, y0 + s·v) of slice k of the working volume (the study
+/// resampled to the model's pixel size); pixel (x, y) of the study lies at working pixel
+/// (x·scale[0], y·scale[1]).
 pub struct ProbabilityMaps {
     pub stride: usize,
+    pub scale: [f32; 2],
     pub x0: usize,
     pub y0: usize,
     pub nu: usize,
@@ -155,9 +227,17 @@ pub fn probabilities(
     opts: &InferOptions,
     device: Device,
 ) -> ProbabilityMaps {
+    let spec = net.input();
+    let native = ct.geometry().spacing_mm();
+    let ct = spec.working_volume(ct);
+    let ct = ct.as_ref();
+    let working = ct.geometry().spacing_mm();
+    let scale = [
+        (native[0] / working[0]) as f32,
+        (native[1] / working[1]) as f32,
+    ];
     let [nx, ny, nz] = ct.geometry().shape();
     let s = opts.stride.max(1) as usize;
-    let spec = net.input();
     let patch = net.arch().patch;
     let h = (patch - 1) / 2;
     let (lo, hi) = body_box(ct, 8).unwrap_or(([0, 0], [nx - 1, ny - 1]));
@@ -218,10 +298,7 @@ pub fn probabilities(
                             (y0 + dy) as i64,
                             hh.min(input.size()[2] - (y0 + dy) as i64),
                         );
-                    let logits = net.forward(&crop.to_kind(kind));
-                    let p = logits
-                        .to_kind(Kind::Float)
-                        .softmax(1, Kind::Float)
+                    let p = class_probabilities(net, &crop, kind, opts.flips)
                         .to_device(Device::Cpu)
                         .contiguous();
                     let [b, _, oh, ow] = p.size()[..] else {
@@ -283,11 +360,8 @@ pub fn probabilities(
                     // The patch centred at (x, y) starts at padded (x, y).
                     patches.push(chans.narrow(2, x, patch).narrow(1, y, patch));
                 }
-                let input = Tensor::stack(&patches, 0).to_kind(kind);
-                let p = net
-                    .forward(&input)
-                    .to_kind(Kind::Float)
-                    .softmax(1, Kind::Float)
+                let input = Tensor::stack(&patches, 0);
+                let p = class_probabilities(net, &input, kind, opts.flips)
                     .to_device(Device::Cpu)
                     .contiguous();
                 let data: Vec<f32> = Vec::<f32>::try_from(p.view([-1])).expect("f32 probabilities");
@@ -299,6 +373,7 @@ pub fn probabilities(
     });
     ProbabilityMaps {
         stride: s,
+        scale,
         x0,
         y0,
         nu,
@@ -306,6 +381,35 @@ pub fn probabilities(
         nz,
         probs,
     }
+}
+
+/// Class probabilities (N, 3, H', W') for inputs (N, C, H, W): the network's softmax, averaged
+/// with those of the mirrored inputs (mirrored back) that `flips` asks for.
+fn class_probabilities(net: &Classifier, x: &Tensor, kind: Kind, flips: Flips) -> Tensor {
+    let probs = |x: &Tensor| {
+        net.forward(&x.to_kind(kind))
+            .to_kind(Kind::Float)
+            .softmax(1, Kind::Float)
+    };
+    let dims: &[&[i64]] = match flips {
+        Flips::None => return probs(x),
+        Flips::X => &[&[3]],
+        Flips::Xy => &[&[3], &[2], &[2, 3]],
+    };
+    // Outputs start at the first column and follow every 2 px; mirrored, they land on each
+    // other only if (W − patch) is even. A last odd column or row feeds no output: drop it.
+    let patch = net.arch().patch;
+    let [_, _, h, w] = x.size()[..] else {
+        unreachable!("4D input")
+    };
+    let x =
+        x.narrow(3, 0, w - (w - patch).rem_euclid(2))
+            .narrow(2, 0, h - (h - patch).rem_euclid(2));
+    let mut sum = probs(&x);
+    for d in dims {
+        sum += probs(&x.flip(*d)).flip(*d);
+    }
+    sum / (dims.len() + 1) as f64
 }
 
 impl ProbabilityMaps {
@@ -319,6 +423,28 @@ impl ProbabilityMaps {
         let b = at(u0, v1) * (1.0 - tx) + at(u1, v1) * tx;
         a * (1.0 - ty) + b * ty
     }
+
+    /// The grid cell around column `x` of the study (None outside the grid).
+    #[inline]
+    fn cell_x(&self, x: usize) -> Option<Cell> {
+        lerp_cell(
+            x as f32 * self.scale[0],
+            self.x0,
+            self.stride as f32,
+            self.nu,
+        )
+    }
+
+    /// The grid cell around row `y` of the study (None outside the grid).
+    #[inline]
+    fn cell_y(&self, y: usize) -> Option<Cell> {
+        lerp_cell(
+            y as f32 * self.scale[1],
+            self.y0,
+            self.stride as f32,
+            self.nv,
+        )
+    }
 }
 
 /// Two neighbouring grid nodes and the weight of the second.
@@ -331,18 +457,17 @@ type Cell = (usize, usize, f32);
 /// when p(tumour) ≥ `tumour_threshold`.
 pub fn reassemble(maps: &ProbabilityMaps, shape: [usize; 3], tumour_threshold: f32) -> Vec<u8> {
     let [nx, ny, nz] = shape;
-    let s = maps.stride as f32;
     let mut labels = vec![0u8; nx * ny * nz];
     labels
         .par_chunks_mut(nx * ny)
         .enumerate()
         .for_each(|(k, out)| {
             for y in 0..ny {
-                let Some(cy) = lerp_cell(y, maps.y0, s, maps.nv) else {
+                let Some(cy) = maps.cell_y(y) else {
                     continue;
                 };
                 for x in 0..nx {
-                    let Some(cx) = lerp_cell(x, maps.x0, s, maps.nu) else {
+                    let Some(cx) = maps.cell_x(x) else {
                         continue;
                     };
                     let p = |c: usize| maps.blend(c, k, cx, cy);
@@ -363,11 +488,7 @@ pub fn reassemble(maps: &ProbabilityMaps, shape: [usize; 3], tumour_threshold: f
 /// The interpolated probability of class `c` at voxel (x, y, k), as `reassemble` computes it
 /// (0 outside the evaluated box).
 fn probability_at(maps: &ProbabilityMaps, c: usize, x: usize, y: usize, k: usize) -> f32 {
-    let s = maps.stride as f32;
-    match (
-        lerp_cell(x, maps.x0, s, maps.nu),
-        lerp_cell(y, maps.y0, s, maps.nv),
-    ) {
+    match (maps.cell_x(x), maps.cell_y(y)) {
         (Some(cx), Some(cy)) => maps.blend(c, k, cx, cy),
         _ => 0.0,
     }
@@ -399,15 +520,16 @@ pub fn drop_weak_tumours(maps: &ProbabilityMaps, mask: &mut LabelVolume, seed: f
     peak.iter().skip(1).filter(|&&p| p < seed).count()
 }
 
-/// The two grid nodes around pixel `p` of a grid starting at `origin` with spacing `s` and `n`
-/// nodes, and the weight of the second; None outside the grid.
-fn lerp_cell(p: usize, origin: usize, s: f32, n: usize) -> Option<Cell> {
-    let f = (p as f32 - origin as f32) / s;
-    if f < 0.0 || f > (n - 1) as f32 {
+/// The two grid nodes around working-volume position `p` (pixels) of a grid starting at
+/// `origin` with spacing `s` and `n` nodes, and the weight of the second; None outside the
+/// grid.
+fn lerp_cell(p: f32, origin: usize, s: f32, n: usize) -> Option<Cell> {
+    let f = (p - origin as f32) / s;
+    if f < 0.0 || f > (n - 1) as f32 + 1e-4 {
         return None;
     }
     let i0 = (f.floor() as usize).min(n.saturating_sub(2));
-    Some((i0, (i0 + 1).min(n - 1), f - i0 as f32))
+    Some((i0, (i0 + 1).min(n - 1), (f - i0 as f32).min(1.0)))
 }
 
 /// Segments a CT volume: probabilities, reassembly, post-processing.
@@ -482,6 +604,7 @@ mod tests {
             .collect();
         let maps = ProbabilityMaps {
             stride: 2,
+            scale: [1.0, 1.0],
             x0: 0,
             y0: 0,
             nu,

@@ -181,15 +181,12 @@ impl Classifier {
                 path: card_path.display().to_string(),
                 reason,
             })?;
-        if card.input.slice_offsets.len() as i64 != card.architecture.in_channels
-            || card.input.window_hu[1] <= card.input.window_hu[0]
-        {
-            return Err(ModelError::Card {
+        card.input
+            .validate(card.architecture.in_channels)
+            .map_err(|reason| ModelError::Card {
                 path: card_path.display().to_string(),
-                reason: "input slice offsets do not match in_channels, or the window is empty"
-                    .into(),
-            });
-        }
+                reason,
+            })?;
         let wpath = dir.join(&card.weights_file);
         let wname = wpath.display().to_string();
         if !wpath.exists() {
@@ -296,9 +293,16 @@ impl Classifier {
         opts: &InferOptions,
     ) -> Result<crate::volume::LabelVolume, ModelError> {
         let [nx, ny, _] = ct.geometry().shape();
-        if (nx as i64) < 8 || (ny as i64) < 8 {
+        let [wx, wy, _] = self
+            .input()
+            .working_pixels(ct.geometry())
+            .and_then(|p| crate::volume::resample::in_plane_grid(ct.geometry(), p))
+            .map_or([nx, ny, 0], |(g, _)| g.shape());
+        if wx.min(nx) < 8 || wy.min(ny) < 8 {
             return Err(ModelError::Input {
-                what: format!("volume of {nx}x{ny} pixels per slice"),
+                what: format!(
+                    "volume of {nx}x{ny} pixels per slice ({wx}x{wy} at the model's pixel size)"
+                ),
                 reason: "too small to segment (at least 8x8 pixels per slice)".into(),
             });
         }

@@ -45,6 +45,63 @@ pub struct TrainOptions {
     pub batch_norm: bool,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// In-plane pixel size the network works at (recorded in the card's input).
+    pub pixel_size: PixelSize,
+}
+
+/// The in-plane pixel sizes a model works at (`InputSpec::pixel_mm`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PixelSize {
+    /// The range of the training studies' pixel sizes: no training study is resampled; in
+    /// segmentation, studies outside the range are brought to its nearer end.
+    Auto,
+    /// Each study's own pixels, whatever they are (no resampling).
+    Native,
+    /// This many millimetres: training and segmentation resample every study to it.
+    Mm(f64),
+}
+
+impl std::str::FromStr for PixelSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "native" => Ok(Self::Native),
+            _ => match s.parse::<f64>() {
+                Ok(mm) if mm.is_finite() && (0.1..=10.0).contains(&mm) => Ok(Self::Mm(mm)),
+                _ => Err(format!(
+                    "{s:?}: expected auto, native or a pixel size in mm between 0.1 and 10"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for PixelSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Native => f.write_str("native"),
+            Self::Mm(mm) => write!(f, "{mm}"),
+        }
+    }
+}
+
+/// The range of in-plane pixel sizes (x and y) of the grids, widened to whole 0.01 mm.
+fn pixel_range(grids: &[&crate::volume::Geometry]) -> [f32; 2] {
+    let (lo, hi) = grids
+        .iter()
+        .flat_map(|g| {
+            let s = g.spacing_mm();
+            [s[0], s[1]]
+        })
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), s| {
+            (lo.min(s), hi.max(s))
+        });
+    [
+        ((lo * 100.0).floor() / 100.0) as f32,
+        ((hi * 100.0).ceil() / 100.0) as f32,
+    ]
 }
 
 impl Default for TrainOptions {
@@ -63,6 +120,7 @@ impl Default for TrainOptions {
             tumour_weight: 3.0,
             batch_norm: true,
             progress: true,
+            pixel_size: PixelSize::Auto,
         }
     }
 }
@@ -328,7 +386,6 @@ pub fn train(
             opts.tumour_weight
         )));
     }
-    let spec = InputSpec::default();
     let mut rng = Rng::new(opts.seed, 0x7a11);
     // Held-out split (chosen by the seed): one study in four, lesion-bearing studies first,
     // with one lesion-free study among them when there are two or more.
@@ -345,6 +402,21 @@ pub fn train(
         .map(|m| m.labels().contains(&label::TUMOUR))
         .collect();
     let val_idx = held_out(&order, &has_lesion);
+    let spec = InputSpec {
+        pixel_mm: match opts.pixel_size {
+            PixelSize::Auto => Some(pixel_range(
+                &masks
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !val_idx.contains(i))
+                    .map(|(_, m)| m.geometry())
+                    .collect::<Vec<_>>(),
+            )),
+            PixelSize::Native => None,
+            PixelSize::Mm(mm) => Some([mm as f32; 2]),
+        },
+        ..InputSpec::default()
+    };
 
     let mut data_record = Vec::new();
     let mut train_set = Vec::new();
@@ -369,12 +441,18 @@ pub fn train(
         if validation {
             val_set.push((s.id.clone(), ct, mask));
         } else {
+            let ct = match spec.working_pixels(ct.geometry()) {
+                Some(p) => ct.resample_in_plane(p),
+                None => ct,
+            };
+            let mask = spec.working_labels(mask);
             train_set.push(load_study(&ct, &mask, &spec, arch.patch, &mut rng));
         }
     }
     tracing::info!(
         train = train_set.len(),
         validation = val_set.len(),
+        pixel_mm = ?spec.pixel_mm,
         "studies loaded"
     );
 
@@ -400,7 +478,13 @@ pub fn train(
     let crop = arch.patch + 2 * (n - 1);
     let mut history = Vec::new();
     let mut best: Option<BestEpoch> = None;
+    // Thresholds are calibrated with the inference defaults (mirror images included); the
+    // per-epoch validation, which only ranks epochs, looks at the slices once.
     let infer_opts = InferOptions::default();
+    let epoch_opts = InferOptions {
+        flips: infer::Flips::None,
+        ..InferOptions::default()
+    };
 
     for epoch in 1..=opts.epochs {
         if epoch * 3 > opts.epochs * 2 {
@@ -445,7 +529,7 @@ pub fn train(
         // Validation: segment the held-out studies.
         let mut per_study = Vec::new();
         for (_, ct, truth) in &val_set {
-            let pred = infer::segment(&clf, ct, &infer_opts, opts.device);
+            let pred = infer::segment(&clf, ct, &epoch_opts, opts.device);
             per_study.push(metrics::evaluate(truth, &pred).expect("same grid"));
         }
         let summary = metrics::aggregate(&per_study);
@@ -555,6 +639,7 @@ pub fn train(
                          "body": CATEGORY_WEIGHTS[4]},
             "synthetic_lesions": format!("{PAINT_PROBABILITY} of liver and boundary crops: ellipsoids 5–40 mm, 8–50 HU darker, 1 in 6 with an enhancing rim, clipped to the liver"),
             "augmentation": "flips and transposes of the crop (8), HU gain x[0.9, 1.1], offset ±20 HU, Gaussian noise σ 4 HU",
+            "calibration_flips": infer_opts.flips,
             "init": opts.init.as_ref().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
             "device": format!("{:?}", opts.device),
             "duration_s": t0.elapsed().as_secs_f64(),
@@ -826,6 +911,8 @@ fn augment(x: &Tensor, rng: &mut Rng) -> Tensor {
 mod tests {
     use super::*;
 
+    const IDENTITY: [[f64; 3]; 3] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+
     /// torchvision-named features of a full-width VGG16 (with or without batch norm), random.
     fn torchvision_features(batch_norm: bool) -> Vec<(String, Tensor)> {
         let widths = [
@@ -853,6 +940,23 @@ mod tests {
     }
 
     #[test]
+    fn pixel_size_is_parsed_and_the_range_covers_the_studies() {
+        assert_eq!("auto".parse::<PixelSize>(), Ok(PixelSize::Auto));
+        assert_eq!("native".parse::<PixelSize>(), Ok(PixelSize::Native));
+        assert_eq!("1.25".parse::<PixelSize>(), Ok(PixelSize::Mm(1.25)));
+        for bad in ["0", "-1", "NaN", "11", "fine"] {
+            let e = bad.parse::<PixelSize>().unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        let g = |s: f64| {
+            crate::volume::Geometry::new([4, 4, 4], [s, s, 3.0], IDENTITY, [0.0; 3]).unwrap()
+        };
+        let grids = [g(1.272), g(1.5), g(1.786)];
+        assert_eq!(pixel_range(&grids.iter().collect::<Vec<_>>()), [1.27, 1.79]);
+        assert_eq!(pixel_range(&[&g(0.7)]), [0.7, 0.7]);
+    }
+
+    #[test]
     fn held_out_studies_show_lesions_and_one_lesion_free_study() {
         // 12 studies, 3 lesion-free: a quarter is held out, one of them lesion-free.
         let has: Vec<bool> = (0..12).map(|i| i % 4 != 1).collect();
@@ -869,13 +973,7 @@ mod tests {
     fn painted_lesions_stay_in_the_liver_and_label_their_centres() {
         use crate::volume::Geometry;
         let shape = [40, 40, 3];
-        let g = Geometry::new(
-            shape,
-            [1.5, 1.5, 4.0],
-            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
-            [0.0; 3],
-        )
-        .unwrap();
+        let g = Geometry::new(shape, [1.5, 1.5, 4.0], IDENTITY, [0.0; 3]).unwrap();
         let liver = |i: usize, j: usize| (8..32).contains(&i) && (10..30).contains(&j);
         let (mut hu, mut labels) = (vec![-90.0f32; g.len()], vec![0u8; g.len()]);
         for k in 0..3 {

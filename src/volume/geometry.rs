@@ -226,6 +226,21 @@ impl Geometry {
         }
         out
     }
+    /// The grid with `shape_xy` pixels in x and y, each `r` (x, y) times the size of the
+    /// present ones; voxel (0, 0, k) keeps its place (for in-plane resampling).
+    pub fn rescaled_in_plane(&self, shape_xy: [usize; 2], r: [f64; 2]) -> Geometry {
+        let mut g = self.clone();
+        g.shape = [shape_xy[0].max(1), shape_xy[1].max(1), self.shape[2]];
+        for (col, r) in r.into_iter().enumerate() {
+            g.spacing_mm[col] *= r;
+            g.xform.pixdim[col + 1] *= r;
+            for row in 0..3 {
+                g.affine[row][col] *= r;
+                g.xform.srow[row][col] *= r;
+            }
+        }
+        g
+    }
     /// Same grid and placement with the given shape (for masks of the same study).
     pub fn same_grid(&self, other: &Geometry) -> bool {
         self.shape == other.shape

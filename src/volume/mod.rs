@@ -8,6 +8,7 @@ mod geometry;
 pub mod nifti;
 pub mod phantom;
 pub mod preview;
+pub mod resample;
 
 pub use geometry::{Geometry, XformFields};
 pub use nifti::{NiftiError, NiftiFile, ReadLimits};

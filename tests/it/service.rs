@@ -43,8 +43,8 @@ async fn studies_flow_from_inbox_to_results() {
     let (url, pool) = db::fresh().await;
     let data = tempdir();
     let inbox = data.path().join("inbox");
-    // About 2 mm pixels: small and fast, yet within reach of the demo model (trained on
-    // 1.3–1.8 mm pixels; at the 2.9 mm of a 128 × 128 grid its liver falls apart).
+    // About 2 mm pixels: small and fast, and close to the pixels the demo model learned from
+    // (1.27–1.79 mm; coarser studies are resampled to 1.8 mm, at some cost in detail).
     phantoms(&inbox, 2, 41, "192x192x20");
     // A file that is not a CT volume, and a ground truth on the wrong grid.
     std::fs::write(inbox.join("scan-x.nii.gz"), b"\x1f\x8b\x08\x00garbage").unwrap();
