@@ -424,26 +424,15 @@ impl ProbabilityMaps {
         a * (1.0 - ty) + b * ty
     }
 
-    /// The grid cell around column `x` of the study (None outside the grid).
+    /// The grid cell around study column `x` (`AXIS` 0) or row `y` (1); None outside the grid.
     #[inline]
-    fn cell_x(&self, x: usize) -> Option<Cell> {
-        lerp_cell(
-            x as f32 * self.scale[0],
-            self.x0,
-            self.stride as f32,
-            self.nu,
-        )
-    }
-
-    /// The grid cell around row `y` of the study (None outside the grid).
-    #[inline]
-    fn cell_y(&self, y: usize) -> Option<Cell> {
-        lerp_cell(
-            y as f32 * self.scale[1],
-            self.y0,
-            self.stride as f32,
-            self.nv,
-        )
+    fn cell<const AXIS: usize>(&self, p: usize) -> Option<Cell> {
+        let (origin, n) = if AXIS == 0 {
+            (self.x0, self.nu)
+        } else {
+            (self.y0, self.nv)
+        };
+        lerp_cell(p as f32 * self.scale[AXIS], origin, self.stride as f32, n)
     }
 }
 
@@ -463,11 +452,11 @@ pub fn reassemble(maps: &ProbabilityMaps, shape: [usize; 3], tumour_threshold: f
         .enumerate()
         .for_each(|(k, out)| {
             for y in 0..ny {
-                let Some(cy) = maps.cell_y(y) else {
+                let Some(cy) = maps.cell::<1>(y) else {
                     continue;
                 };
                 for x in 0..nx {
-                    let Some(cx) = maps.cell_x(x) else {
+                    let Some(cx) = maps.cell::<0>(x) else {
                         continue;
                     };
                     let p = |c: usize| maps.blend(c, k, cx, cy);
@@ -488,7 +477,7 @@ pub fn reassemble(maps: &ProbabilityMaps, shape: [usize; 3], tumour_threshold: f
 /// The interpolated probability of class `c` at voxel (x, y, k), as `reassemble` computes it
 /// (0 outside the evaluated box).
 fn probability_at(maps: &ProbabilityMaps, c: usize, x: usize, y: usize, k: usize) -> f32 {
-    match (maps.cell_x(x), maps.cell_y(y)) {
+    match (maps.cell::<0>(x), maps.cell::<1>(y)) {
         (Some(cx), Some(cy)) => maps.blend(c, k, cx, cy),
         _ => 0.0,
     }

@@ -478,13 +478,7 @@ pub fn train(
     let crop = arch.patch + 2 * (n - 1);
     let mut history = Vec::new();
     let mut best: Option<BestEpoch> = None;
-    // Thresholds are calibrated with the inference defaults (mirror images included); the
-    // per-epoch validation, which only ranks epochs, looks at the slices once.
     let infer_opts = InferOptions::default();
-    let epoch_opts = InferOptions {
-        flips: infer::Flips::None,
-        ..InferOptions::default()
-    };
 
     for epoch in 1..=opts.epochs {
         if epoch * 3 > opts.epochs * 2 {
@@ -529,7 +523,7 @@ pub fn train(
         // Validation: segment the held-out studies.
         let mut per_study = Vec::new();
         for (_, ct, truth) in &val_set {
-            let pred = infer::segment(&clf, ct, &epoch_opts, opts.device);
+            let pred = infer::segment(&clf, ct, &infer_opts, opts.device);
             per_study.push(metrics::evaluate(truth, &pred).expect("same grid"));
         }
         let summary = metrics::aggregate(&per_study);
@@ -639,7 +633,6 @@ pub fn train(
                          "body": CATEGORY_WEIGHTS[4]},
             "synthetic_lesions": format!("{PAINT_PROBABILITY} of liver and boundary crops: ellipsoids 5–40 mm, 8–50 HU darker, 1 in 6 with an enhancing rim, clipped to the liver"),
             "augmentation": "flips and transposes of the crop (8), HU gain x[0.9, 1.1], offset ±20 HU, Gaussian noise σ 4 HU",
-            "calibration_flips": infer_opts.flips,
             "init": opts.init.as_ref().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
             "device": format!("{:?}", opts.device),
             "duration_s": t0.elapsed().as_secs_f64(),
