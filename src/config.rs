@@ -22,6 +22,9 @@ pub struct Settings {
     /// The model registered and activated when the registry is empty
     /// (`HEPAFLOW_DEFAULT_MODEL`, default `./models/demo`).
     pub default_model: PathBuf,
+    /// How long `worker`, `scheduler` and `serve` wait for a database that is not reachable
+    /// yet (starting, restarting) before giving up (`HEPAFLOW_DB_WAIT_MS`, default 60000).
+    pub database_wait: Duration,
     /// Job queue timings.
     pub queue: QueueSettings,
     /// An inbox file counts as complete once unchanged for this long, or when a `NAME.done`
@@ -146,6 +149,7 @@ impl Settings {
             database_url: None,
             jobs_dir: PathBuf::from("jobs"),
             default_model: PathBuf::from("models/demo"),
+            database_wait: Duration::from_secs(60),
             queue: QueueSettings::default(),
             inbox_settle: Duration::from_secs(2),
             mail: MailSettings::default(),
@@ -183,6 +187,7 @@ impl Settings {
         millis("HEPAFLOW_RETRY_BASE_MS", &mut s.queue.retry_base)?;
         millis("HEPAFLOW_GRACE_MS", &mut s.queue.grace)?;
         millis("HEPAFLOW_INBOX_SETTLE_MS", &mut s.inbox_settle)?;
+        millis("HEPAFLOW_DB_WAIT_MS", &mut s.database_wait)?;
         s.mail.smtp_url = nonempty("HEPAFLOW_SMTP_URL");
         s.mail.smtp_user = nonempty("HEPAFLOW_SMTP_USER");
         s.mail.smtp_password = lookup("HEPAFLOW_SMTP_PASSWORD");

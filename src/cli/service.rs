@@ -31,6 +31,19 @@ pub(super) async fn open(settings: &Settings, connections: u32) -> Result<Db, Fa
         .map_err(|e| Failure::Other(e.into()))
 }
 
+/// Opens the store for a long-running service: waits for a database that is not up yet
+/// (`HEPAFLOW_DB_WAIT_MS`); `None` when `stop` came first.
+pub(super) async fn open_service(
+    settings: &Settings,
+    connections: u32,
+    stop: &CancellationToken,
+) -> Result<Option<Db>, Failure> {
+    tokio::select! {
+        db = Db::open_waiting(settings, connections) => db.map(Some).map_err(|e| Failure::Other(e.into())),
+        _ = stop.cancelled() => Ok(None),
+    }
+}
+
 pub(super) fn db_err(e: sqlx::Error) -> Failure {
     Failure::Other(anyhow::anyhow!("database: {e}"))
 }
@@ -343,14 +356,16 @@ pub fn worker(args: WorkerArgs, settings: &Settings) -> CmdResult {
     let device = device(&args.device)?;
     runtime()?.block_on(async {
         let total: usize = queues.iter().map(|(_, n)| n).sum();
-        let db = open(settings, (total as u32 * 2 + 4).min(100)).await?;
+        let stop = shutdown_on_signals();
+        let Some(db) = open_service(settings, (total as u32 * 2 + 4).min(100), &stop).await? else {
+            return Ok(());
+        };
         let p = Arc::new(Pipeline::new(db.pool.clone(), settings.clone(), device));
         let cfg = WorkerConfig {
             id: worker::worker_id(),
             queues,
             timings: settings.queue.clone(),
         };
-        let stop = shutdown_on_signals();
         worker::run(db.pool.clone(), p, cfg, stop).await;
         db.close().await;
         Ok(())
@@ -363,11 +378,13 @@ pub struct SchedulerArgs {}
 pub fn scheduler(_args: SchedulerArgs, settings: &Settings) -> CmdResult {
     let schedules = load_schedules(settings)?;
     runtime()?.block_on(async {
-        let db = open(settings, 4).await?;
+        let stop = shutdown_on_signals();
+        let Some(db) = open_service(settings, 4, &stop).await? else {
+            return Ok(());
+        };
         scheduler::sync(&db.pool, &schedules)
             .await
             .map_err(db_err)?;
-        let stop = shutdown_on_signals();
         scheduler::run(db.pool.clone(), schedules, worker::worker_id(), stop).await;
         db.close().await;
         Ok(())

@@ -4,12 +4,15 @@ use std::io::BufRead;
 
 use clap::{Args, Subcommand};
 
-use super::service::{db_err, open, print_json, runtime, shutdown_on_signals, table, when};
+use super::service::{
+    db_err, open, open_service, print_json, runtime, shutdown_on_signals, table, when,
+};
 use super::{CmdResult, Failure};
 use crate::config::Settings;
 use crate::store::users::{self, Role, UserError};
 use crate::store::{Db, audit};
 use crate::web;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -30,14 +33,22 @@ pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener, Failure> {
 pub fn serve(args: ServeArgs, settings: &Settings) -> CmdResult {
     let addr = args.listen.unwrap_or_else(|| settings.web.listen.clone());
     runtime()?.block_on(async {
-        let db = open(settings, 8).await?;
-        let result = serve_inner(&db, settings, &addr).await;
+        let stop = shutdown_on_signals();
+        let Some(db) = open_service(settings, 8, &stop).await? else {
+            return Ok(());
+        };
+        let result = serve_inner(&db, settings, &addr, stop).await;
         db.close().await;
         result
     })
 }
 
-async fn serve_inner(db: &Db, settings: &Settings, addr: &str) -> CmdResult {
+async fn serve_inner(
+    db: &Db,
+    settings: &Settings,
+    addr: &str,
+    stop: CancellationToken,
+) -> CmdResult {
     let listener = bind(addr).await?;
     let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
         .fetch_one(&db.pool)
@@ -53,7 +64,6 @@ async fn serve_inner(db: &Db, settings: &Settings, addr: &str) -> CmdResult {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| addr.to_string());
     tracing::info!("dashboard on http://{local}/");
-    let stop = shutdown_on_signals();
     let ctx = web::Ctx::new(db.pool.clone(), settings.clone());
     web::serve(ctx, listener, stop)
         .await

@@ -35,6 +35,31 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
 }
 
+impl StoreError {
+    /// Whether waiting may help: the server is starting, shutting down or not reachable
+    /// (yet), as opposed to a wrong URL, password, database name or schema.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Connect(e) | StoreError::Query(e) => transient(e),
+            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => transient(e),
+            _ => false,
+        }
+    }
+}
+
+/// Connection failures and the SQLSTATE classes of a server that is going or coming:
+/// 08 (connection exception), 57P (admin/crash shutdown, cannot connect now) and 53300
+/// (too many connections).
+fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
+        _ => false,
+    }
+}
+
 /// An open store: the pool, and the embedded cluster when there is one (kept alive as long
 /// as the store is).
 pub struct Db {
@@ -47,6 +72,22 @@ impl Db {
     /// Connects to `DATABASE_URL`, or starts the embedded cluster under `<data>/pg`; applies
     /// the migrations.
     pub async fn open(settings: &Settings, max_connections: u32) -> Result<Db, StoreError> {
+        Self::open_within(settings, max_connections, Duration::ZERO).await
+    }
+
+    /// As [`Db::open`], for the long-running services (`worker`, `scheduler`, `serve`): while
+    /// the server is starting, restarting or not reachable yet, retries for up to
+    /// `HEPAFLOW_DB_WAIT_MS`, logging why. A wrong address, password or database name fails at
+    /// once.
+    pub async fn open_waiting(settings: &Settings, max_connections: u32) -> Result<Db, StoreError> {
+        Self::open_within(settings, max_connections, settings.database_wait).await
+    }
+
+    async fn open_within(
+        settings: &Settings,
+        max_connections: u32,
+        wait: Duration,
+    ) -> Result<Db, StoreError> {
         let (url, cluster) = match &settings.database_url {
             Some(url) => (url.clone(), None),
             None => {
@@ -65,9 +106,28 @@ impl Db {
                 (cluster.url(embedded::DATABASE), Some(cluster))
             }
         };
-        let pool = pool(&url, max_connections).await?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Db { pool, url, cluster })
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let opened = async {
+                let pool = pool(&url, max_connections).await?;
+                if let Err(e) = MIGRATOR.run(&pool).await {
+                    pool.close().await;
+                    return Err(StoreError::from(e));
+                }
+                Ok(pool)
+            }
+            .await;
+            match opened {
+                Ok(pool) => return Ok(Db { pool, url, cluster }),
+                Err(e) if e.is_transient() && tokio::time::Instant::now() + pause <= deadline => {
+                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "database not available yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The connection URL (for child processes and listeners).

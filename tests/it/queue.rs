@@ -272,6 +272,82 @@ async fn workers_ride_out_database_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_wait_for_a_database_not_up_yet_but_not_for_a_wrong_one() {
+    let dir = db::cluster_dir("late");
+    let mut cluster = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || hepaflow::store::embedded::Cluster::start(&dir, &db::fast())
+    })
+    .await
+    .unwrap()
+    .expect("cluster");
+    hepaflow::store::ensure_database(&cluster, "late")
+        .await
+        .unwrap();
+    let url = cluster.url("late");
+    let pool = hepaflow::store::pool(&url, 2).await.unwrap();
+    hepaflow::store::MIGRATOR.run(&pool).await.unwrap();
+    db::probes(&pool, "late", 20, json!({}), 5).await;
+    pool.close().await;
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop();
+        cluster
+    })
+    .await
+    .unwrap();
+
+    // The server is down: the worker waits (and says so) instead of exiting.
+    let data = tempdir();
+    let mut w = db::worker(&url, data.path(), "late=2", &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(w.running(), "a worker exited while the database was down");
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart(&db::fast()).expect("start");
+        cluster
+    })
+    .await
+    .unwrap();
+    let pool = hepaflow::store::pool(&url, 2).await.unwrap();
+    wait_until(Duration::from_secs(60), "20 jobs done", || async {
+        scalar(&pool, "SELECT count(*) FROM jobs WHERE state = 'done'").await == 20
+    })
+    .await;
+    assert!(w.running());
+
+    // A database that does not exist is a configuration error: no waiting.
+    let wrong = cluster.url("no_such_database");
+    let mut bad = Proc(
+        db::service(&wrong, data.path(), &[])
+            .args(["worker", "--queues", "late", "--device", "cpu"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let s = bad.wait_for(Duration::from_secs(20));
+        (s, bad)
+    })
+    .await
+    .unwrap();
+    let (status, mut bad) = status;
+    let status = status.expect("a worker with a wrong database name exits at once");
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(bad.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("no_such_database") && err.contains("does not exist"),
+        "{err}"
+    );
+    pool.close().await;
+    drop(w);
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_errors_retry_then_die_and_permanent_errors_fail_at_once() {
     let (url, pool) = db::fresh().await;
     let data = tempdir();
