@@ -49,6 +49,23 @@ fn shared() -> &'static Cluster {
     })
 }
 
+/// A cluster of the test's own (to stop and restart), with a migrated database `name`: the
+/// cluster, the database's URL and a pool on it.
+pub async fn own_cluster(name: &str) -> (Cluster, String, PgPool) {
+    let dir = cluster_dir(name);
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&dir, &fast()))
+        .await
+        .unwrap()
+        .expect("cluster");
+    hepaflow::store::ensure_database(&cluster, name)
+        .await
+        .unwrap();
+    let url = cluster.url(name);
+    let pool = hepaflow::store::pool(&url, 4).await.unwrap();
+    hepaflow::store::MIGRATOR.run(&pool).await.unwrap();
+    (cluster, url, pool)
+}
+
 /// The URL of a new, empty, migrated database in the shared cluster.
 pub async fn fresh() -> (String, PgPool) {
     static N: AtomicU32 = AtomicU32::new(0);

@@ -216,20 +216,7 @@ async fn enqueue_commits_or_rolls_back_with_its_transaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_ride_out_database_restarts() {
-    let dir = db::cluster_dir("restart");
-    let mut cluster = tokio::task::spawn_blocking({
-        let dir = dir.clone();
-        move || hepaflow::store::embedded::Cluster::start(&dir, &db::fast())
-    })
-    .await
-    .unwrap()
-    .expect("cluster");
-    hepaflow::store::ensure_database(&cluster, "restart")
-        .await
-        .unwrap();
-    let url = cluster.url("restart");
-    let pool = hepaflow::store::pool(&url, 4).await.unwrap();
-    hepaflow::store::MIGRATOR.run(&pool).await.unwrap();
+    let (mut cluster, url, pool) = db::own_cluster("restart").await;
     db::probes(&pool, "rs", 200, json!({"sleep_ms": 30}), 25).await;
     pool.close().await;
     let data = tempdir();
@@ -273,20 +260,7 @@ async fn workers_ride_out_database_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_wait_for_a_database_not_up_yet_but_not_for_a_wrong_one() {
-    let dir = db::cluster_dir("late");
-    let mut cluster = tokio::task::spawn_blocking({
-        let dir = dir.clone();
-        move || hepaflow::store::embedded::Cluster::start(&dir, &db::fast())
-    })
-    .await
-    .unwrap()
-    .expect("cluster");
-    hepaflow::store::ensure_database(&cluster, "late")
-        .await
-        .unwrap();
-    let url = cluster.url("late");
-    let pool = hepaflow::store::pool(&url, 2).await.unwrap();
-    hepaflow::store::MIGRATOR.run(&pool).await.unwrap();
+    let (mut cluster, url, pool) = db::own_cluster("late").await;
     db::probes(&pool, "late", 20, json!({}), 5).await;
     pool.close().await;
     cluster = tokio::task::spawn_blocking(move || {
