@@ -131,6 +131,11 @@ pub struct InferArgs {
     /// Tumour farther than this from liver tissue is dropped (mm).
     #[arg(long, default_value_t = InferOptions::default().tumour_margin_mm)]
     pub tumour_margin_mm: f64,
+    /// Tumour components with more than this share of their voxels in a slice where the liver
+    /// ends (background in the slice above or below) become liver: partial volume at the
+    /// dome and the tip of thick slices (1: keep them).
+    #[arg(long, default_value_t = InferOptions::default().max_end_slice_share)]
+    pub max_end_slice_share: f64,
 }
 
 impl InferArgs {
@@ -153,6 +158,12 @@ impl InferArgs {
                 )));
             }
         }
+        if !(0.0..=1.0).contains(&self.max_end_slice_share) {
+            return Err(Failure::Other(anyhow::anyhow!(
+                "--max-end-slice-share {}: must be between 0 and 1",
+                self.max_end_slice_share
+            )));
+        }
         Ok(InferOptions {
             mode: self.mode,
             stride: self.stride,
@@ -162,6 +173,7 @@ impl InferArgs {
             tumour_seed_threshold: self.tumour_seed_threshold,
             min_tumour_ml: self.min_tumour_ml,
             tumour_margin_mm: self.tumour_margin_mm,
+            max_end_slice_share: self.max_end_slice_share,
             ..InferOptions::default()
         })
     }

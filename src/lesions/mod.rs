@@ -7,7 +7,9 @@ mod components;
 mod postprocess;
 
 pub use components::{Components, Connectivity, Run};
-pub use postprocess::{drop_small_tumours, drop_tumour_outside_liver, keep_largest_liver};
+pub use postprocess::{
+    drop_end_slice_tumours, drop_small_tumours, drop_tumour_outside_liver, keep_largest_liver,
+};
 
 use serde::Serialize;
 

@@ -108,6 +108,49 @@ pub fn drop_small_tumours(mask: &mut LabelVolume, min_ml: f64) -> usize {
     small.iter().skip(1).filter(|&&s| s).count()
 }
 
+/// Relabels as liver every tumour component (26-connected) of which more than `max_share` of
+/// the voxels lie where the liver ends along z: the slice above or below is background there.
+/// On thick slices the last slice of the dome or of the tip averages liver with the fat beyond
+/// it and looks hypodense; a lesion spans slices inside the liver too. Neighbours beyond the
+/// volume do not count (a scan may cut the liver). A share of 1 or more changes nothing.
+/// Returns the number of components changed.
+pub fn drop_end_slice_tumours(mask: &mut LabelVolume, max_share: f64) -> usize {
+    if max_share >= 1.0 {
+        return 0;
+    }
+    let [nx, ny, nz] = mask.geometry().shape();
+    let comps = Components::label(
+        mask.labels(),
+        [nx, ny, nz],
+        |v| v == label::TUMOUR,
+        Connectivity::TwentySix,
+    );
+    if comps.count() == 0 {
+        return 0;
+    }
+    let labels = mask.labels();
+    let slice = nx * ny;
+    let mut at_end = vec![0u64; comps.count() + 1];
+    for (r, l) in comps.runs() {
+        let z = r.row as usize / ny;
+        let base = nx * r.row as usize;
+        for x in r.start as usize..r.end as usize {
+            let i = base + x;
+            let below = z > 0 && labels[i - slice] == label::BACKGROUND;
+            let above = z + 1 < nz && labels[i + slice] == label::BACKGROUND;
+            if below || above {
+                at_end[l as usize] += 1;
+            }
+        }
+    }
+    let sizes = comps.sizes();
+    let drop: Vec<bool> = (0..=comps.count())
+        .map(|l| l > 0 && at_end[l] as f64 > max_share * sizes[l] as f64)
+        .collect();
+    comps.fill(mask.labels_mut(), |l| drop[l as usize], label::LIVER);
+    drop.iter().filter(|&&d| d).count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +212,49 @@ mod tests {
         assert_eq!(drop_tumour_outside_liver(&mut m, 3.0), 1);
         assert!(m.labels()[2..=13].iter().all(|&v| v == 2));
         assert_eq!(m.labels()[18], 0);
+    }
+
+    #[test]
+    fn tumour_in_the_last_liver_slice_becomes_liver() {
+        // Liver in slices 1..=5 of 8 (x 0..=7); tumour A only in slice 5, the liver's last
+        // (slice 6 is background above it); tumour B in slices 2..=4, inside the liver;
+        // tumour C in slice 0 and 1 at x 6..=7, where the scan begins (slice 0 is the volume's
+        // first: nothing below counts) and slice 1's x 6..=7 lie above tumour, not background.
+        let mut m = mask([8, 2, 8], |i, _, k| match (i, k) {
+            (0..=1, 5) => 2,
+            (3..=4, 2..=4) => 2,
+            (6..=7, 0..=1) => 2,
+            (_, 0..=5) => 1,
+            _ => 0,
+        });
+        assert_eq!(drop_end_slice_tumours(&mut m, 0.5), 1);
+        let g = m.geometry().clone();
+        assert_eq!(
+            m.labels()[g.index(0, 0, 5)],
+            1,
+            "end-slice component dropped"
+        );
+        assert_eq!(m.labels()[g.index(3, 0, 3)], 2, "interior lesion kept");
+        assert_eq!(
+            m.labels()[g.index(6, 0, 0)],
+            2,
+            "lesion at the volume's edge kept"
+        );
+        // A lesion with half its voxels in the end slice stays at a share of 0.5, and no
+        // share of 1 or more drops anything.
+        let mut half = mask([4, 1, 4], |i, _, k| match (i, k) {
+            (1..=2, 1..=2) => 2,
+            (_, 0..=2) => 1,
+            _ => 0,
+        });
+        assert_eq!(drop_end_slice_tumours(&mut half, 0.5), 0);
+        assert_eq!(drop_end_slice_tumours(&mut half, 0.4), 1);
+        let mut m2 = mask([8, 2, 8], |i, _, k| match (i, k) {
+            (0..=1, 5) => 2,
+            (_, 0..=5) => 1,
+            _ => 0,
+        });
+        assert_eq!(drop_end_slice_tumours(&mut m2, 1.0), 0);
     }
 
     #[test]

@@ -104,6 +104,11 @@ pub struct InferOptions {
     pub tumour_margin_mm: f64,
     /// Post-processing: tumour components smaller than this become liver (mL).
     pub min_tumour_ml: f64,
+    /// Post-processing: tumour components with more than this share of their voxels where the
+    /// liver ends along z (background in the slice above or below) become liver: partial
+    /// volume of thick slices at the dome and the tip. 1 keeps them all.
+    #[serde(default = "default_end_slice_share")]
+    pub max_end_slice_share: f64,
     /// Use bfloat16 on a GPU.
     pub half_precision: bool,
     /// Mirror images whose probabilities are averaged in.
@@ -125,12 +130,17 @@ impl Default for InferOptions {
             batch: 4,
             tumour_margin_mm: 3.0,
             min_tumour_ml: 0.02,
+            max_end_slice_share: default_end_slice_share(),
             half_precision: true,
             flips: Flips::None,
             tumour_threshold: None,
             tumour_seed_threshold: None,
         }
     }
+}
+
+fn default_end_slice_share() -> f64 {
+    0.5
 }
 
 /// Mirror images averaged into the probabilities (test-time augmentation).
@@ -553,6 +563,7 @@ pub fn mask_from(
     if tumour_seed_threshold > tumour_threshold {
         drop_weak_tumours(maps, &mut mask, tumour_seed_threshold);
     }
+    lesions::drop_end_slice_tumours(&mut mask, opts.max_end_slice_share);
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
     mask
 }
