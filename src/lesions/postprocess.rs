@@ -4,6 +4,16 @@ use super::{Components, Connectivity};
 use crate::volume::edt::squared_distance;
 use crate::volume::{LabelVolume, label};
 
+/// The tumour components (26-connected) of a mask, the lesions of every rule below.
+pub fn tumour_components(mask: &LabelVolume) -> Components {
+    Components::label(
+        mask.labels(),
+        mask.geometry().shape(),
+        |v| v == label::TUMOUR,
+        Connectivity::TwentySix,
+    )
+}
+
 /// Keeps the largest 26-connected component of the liver (label ≥ 1, tumours included);
 /// everything outside it becomes background. Returns the number of voxels removed.
 pub fn keep_largest_liver(mask: &mut LabelVolume) -> u64 {
@@ -31,12 +41,7 @@ pub fn drop_tumour_outside_liver(mask: &mut LabelVolume, margin_mm: f64) -> u64 
     let g = mask.geometry().clone();
     let [nx, ny, nz] = g.shape();
     let s = g.spacing_mm();
-    let comps = Components::label(
-        mask.labels(),
-        [nx, ny, nz],
-        |v| v == label::TUMOUR,
-        Connectivity::TwentySix,
-    );
+    let comps = tumour_components(mask);
     if comps.count() == 0 {
         return 0;
     }
@@ -93,15 +98,8 @@ pub fn drop_tumour_outside_liver(mask: &mut LabelVolume, margin_mm: f64) -> u64 
 /// Relabels tumour components smaller than `min_ml` as liver (they lie in the liver).
 /// Returns the number of components dropped.
 pub fn drop_small_tumours(mask: &mut LabelVolume, min_ml: f64) -> usize {
-    let g = mask.geometry();
-    let shape = g.shape();
-    let ml = g.voxel_volume_mm3() / 1000.0;
-    let comps = Components::label(
-        mask.labels(),
-        shape,
-        |v| v == label::TUMOUR,
-        Connectivity::TwentySix,
-    );
+    let ml = mask.geometry().voxel_volume_mm3() / 1000.0;
+    let comps = tumour_components(mask);
     let sizes = comps.sizes();
     let small: Vec<bool> = sizes.iter().map(|&n| (n as f64) * ml < min_ml).collect();
     comps.fill(mask.labels_mut(), |l| small[l as usize], label::LIVER);
@@ -119,12 +117,7 @@ pub fn drop_end_slice_tumours(mask: &mut LabelVolume, max_share: f64) -> usize {
         return 0;
     }
     let [nx, ny, nz] = mask.geometry().shape();
-    let comps = Components::label(
-        mask.labels(),
-        [nx, ny, nz],
-        |v| v == label::TUMOUR,
-        Connectivity::TwentySix,
-    );
+    let comps = tumour_components(mask);
     if comps.count() == 0 {
         return 0;
     }

@@ -498,12 +498,7 @@ fn probability_at(maps: &ProbabilityMaps, c: usize, x: usize, y: usize, k: usize
 pub fn drop_weak_tumours(maps: &ProbabilityMaps, mask: &mut LabelVolume, seed: f32) -> usize {
     let shape = mask.geometry().shape();
     let ny = shape[1];
-    let comps = lesions::Components::label(
-        mask.labels(),
-        shape,
-        |v| v == label::TUMOUR,
-        lesions::Connectivity::TwentySix,
-    );
+    let comps = lesions::tumour_components(mask);
     let mut peak = vec![0.0f32; comps.count() + 1];
     for (r, l) in comps.runs() {
         let (y, k) = (r.row as usize % ny, r.row as usize / ny);
