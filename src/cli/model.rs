@@ -138,6 +138,17 @@ pub struct InferArgs {
     pub max_end_slice_share: f64,
 }
 
+/// Refuses a value of `flag` outside 0…1.
+fn unit_interval<T: Into<f64> + Copy + std::fmt::Display>(flag: &str, v: T) -> Result<(), Failure> {
+    if (0.0..=1.0).contains(&v.into()) {
+        Ok(())
+    } else {
+        Err(Failure::Other(anyhow::anyhow!(
+            "{flag} {v}: must be between 0 and 1"
+        )))
+    }
+}
+
 impl InferArgs {
     fn options(&self) -> Result<InferOptions, Failure> {
         if !(1..=16).contains(&self.stride) {
@@ -150,20 +161,11 @@ impl InferArgs {
             ("--tumour-threshold", self.tumour_threshold),
             ("--tumour-seed-threshold", self.tumour_seed_threshold),
         ] {
-            if let Some(v) = v
-                && !(0.0..=1.0).contains(&v)
-            {
-                return Err(Failure::Other(anyhow::anyhow!(
-                    "{flag} {v}: must be between 0 and 1"
-                )));
+            if let Some(v) = v {
+                unit_interval(flag, v)?;
             }
         }
-        if !(0.0..=1.0).contains(&self.max_end_slice_share) {
-            return Err(Failure::Other(anyhow::anyhow!(
-                "--max-end-slice-share {}: must be between 0 and 1",
-                self.max_end_slice_share
-            )));
-        }
+        unit_interval("--max-end-slice-share", self.max_end_slice_share)?;
         Ok(InferOptions {
             mode: self.mode,
             stride: self.stride,
