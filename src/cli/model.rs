@@ -136,6 +136,11 @@ pub struct InferArgs {
     /// dome and the tip of thick slices (1: keep them).
     #[arg(long, default_value_t = InferOptions::default().max_end_slice_share)]
     pub max_end_slice_share: f64,
+    /// A tumour component whose peak stays below the seed threshold is kept when its median CT
+    /// value lies at least this many standard deviations below liver of its shape elsewhere in
+    /// the study (inf: never).
+    #[arg(long, default_value_t = InferOptions::default().tumour_confirm_z)]
+    pub tumour_confirm_z: f64,
 }
 
 /// Refuses a value of `flag` outside 0…1.
@@ -166,6 +171,12 @@ impl InferArgs {
             }
         }
         unit_interval("--max-end-slice-share", self.max_end_slice_share)?;
+        if self.tumour_confirm_z.is_nan() || self.tumour_confirm_z <= 0.0 {
+            return Err(Failure::Other(anyhow::anyhow!(
+                "--tumour-confirm-z {}: must be a positive number (inf: never)",
+                self.tumour_confirm_z
+            )));
+        }
         Ok(InferOptions {
             mode: self.mode,
             stride: self.stride,
@@ -176,6 +187,7 @@ impl InferArgs {
             min_tumour_ml: self.min_tumour_ml,
             tumour_margin_mm: self.tumour_margin_mm,
             max_end_slice_share: self.max_end_slice_share,
+            tumour_confirm_z: self.tumour_confirm_z,
             ..InferOptions::default()
         })
     }

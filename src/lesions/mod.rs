@@ -8,8 +8,8 @@ mod postprocess;
 
 pub use components::{Components, Connectivity, Run};
 pub use postprocess::{
-    drop_end_slice_tumours, drop_small_tumours, drop_tumour_outside_liver, keep_largest_liver,
-    tumour_components,
+    contrast_z, drop_end_slice_tumours, drop_small_tumours, drop_tumour_outside_liver,
+    keep_largest_liver, tumour_components,
 };
 
 use serde::Serialize;

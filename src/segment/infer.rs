@@ -120,6 +120,11 @@ pub struct InferOptions {
     /// extent comes from `tumour_threshold`, the decision from the peak); None: the model
     /// card's calibrated value, else no extra condition.
     pub tumour_seed_threshold: Option<f32>,
+    /// A tumour component below the seed threshold stays when its median CT value lies at
+    /// least this many standard deviations below liver of its shape elsewhere in the study
+    /// (`lesions::contrast_z`); infinite: components below the seed always go.
+    #[serde(default = "default_confirm_z")]
+    pub tumour_confirm_z: f64,
 }
 
 impl Default for InferOptions {
@@ -135,12 +140,17 @@ impl Default for InferOptions {
             flips: Flips::None,
             tumour_threshold: None,
             tumour_seed_threshold: None,
+            tumour_confirm_z: default_confirm_z(),
         }
     }
 }
 
 fn default_end_slice_share() -> f64 {
     0.5
+}
+
+fn default_confirm_z() -> f64 {
+    3.5
 }
 
 /// Mirror images averaged into the probabilities (test-time augmentation).
@@ -494,8 +504,17 @@ fn probability_at(maps: &ProbabilityMaps, c: usize, x: usize, y: usize, k: usize
 }
 
 /// Turns tumour components (26-connected) whose peak tumour probability stays below `seed`
-/// into liver. Returns the number of components changed.
-pub fn drop_weak_tumours(maps: &ProbabilityMaps, mask: &mut LabelVolume, seed: f32) -> usize {
+/// into liver, unless the CT confirms them: a component whose median CT value lies at least
+/// `confirm_z` standard deviations below liver of its shape elsewhere in the study
+/// ([`lesions::contrast_z`]) stays (infinite: no confirmation). Returns the number of
+/// components changed.
+pub fn drop_weak_tumours(
+    maps: &ProbabilityMaps,
+    ct: &CtVolume,
+    mask: &mut LabelVolume,
+    seed: f32,
+    confirm_z: f64,
+) -> usize {
     let shape = mask.geometry().shape();
     let ny = shape[1];
     let comps = lesions::tumour_components(mask);
@@ -510,8 +529,17 @@ pub fn drop_weak_tumours(maps: &ProbabilityMaps, mask: &mut LabelVolume, seed: f
             *p = p.max(probability_at(maps, 2, x, y, k));
         }
     }
-    comps.fill(mask.labels_mut(), |l| peak[l as usize] < seed, label::LIVER);
-    peak.iter().skip(1).filter(|&&p| p < seed).count()
+    let weak = |l: u32| l > 0 && peak[l as usize] < seed;
+    let z = if confirm_z.is_finite() {
+        lesions::contrast_z(mask, ct, &comps, weak)
+    } else {
+        vec![None; comps.count() + 1]
+    };
+    let drop: Vec<bool> = (0..=comps.count() as u32)
+        .map(|l| weak(l) && !z[l as usize].is_some_and(|z| z >= confirm_z))
+        .collect();
+    comps.fill(mask.labels_mut(), |l| drop[l as usize], label::LIVER);
+    drop.iter().filter(|&&d| d).count()
 }
 
 /// The two grid nodes around working-volume position `p` (pixels) of a grid starting at
@@ -556,7 +584,13 @@ pub fn mask_from(
     lesions::keep_largest_liver(&mut mask);
     lesions::drop_tumour_outside_liver(&mut mask, opts.tumour_margin_mm);
     if tumour_seed_threshold > tumour_threshold {
-        drop_weak_tumours(maps, &mut mask, tumour_seed_threshold);
+        drop_weak_tumours(
+            maps,
+            ct,
+            &mut mask,
+            tumour_seed_threshold,
+            opts.tumour_confirm_z,
+        );
     }
     lesions::drop_end_slice_tumours(&mut mask, opts.max_end_slice_share);
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
@@ -607,13 +641,80 @@ mod tests {
             nz: 1,
             probs: [vec![0.0; nu * nv], p2.iter().map(|p| 1.0 - p).collect(), p2],
         };
+        let ct = CtVolume::new(g.clone(), vec![60.0; g.len()]).unwrap();
         let mut strong = LabelVolume::new(g.clone(), labels).unwrap();
         let mut weak = strong.clone();
-        assert_eq!(drop_weak_tumours(&maps, &mut strong, 0.9), 1);
+        assert_eq!(
+            drop_weak_tumours(&maps, &ct, &mut strong, 0.9, f64::INFINITY),
+            1
+        );
         let row: Vec<u8> = strong.labels()[..12].to_vec();
         assert_eq!(row, [1, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1]);
         // A seed both reach keeps both.
-        assert_eq!(drop_weak_tumours(&maps, &mut weak, 0.5), 0);
+        assert_eq!(
+            drop_weak_tumours(&maps, &ct, &mut weak, 0.5, f64::INFINITY),
+            0
+        );
         assert_eq!(weak.labels().iter().filter(|&&v| v == 2).count(), 24);
+    }
+
+    #[test]
+    fn the_ct_keeps_a_weak_component_that_is_clearly_darker() {
+        // A 40 × 40 × 4 liver of 60 ± 10 HU with two tumour components whose probability
+        // peaks at 0.6 (below the seed of 0.9): one 30 HU darker than the liver, one not.
+        let g = Geometry::new(
+            [40, 40, 4],
+            [1.0, 1.0, 2.0],
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+            [0.0; 3],
+        )
+        .unwrap();
+        let at = |i: usize| (i % 40, (i / 40) % 40, i / 1600);
+        let dark = |i: usize| {
+            let (x, y, z) = at(i);
+            (6..10).contains(&x) && (6..10).contains(&y) && (1..3).contains(&z)
+        };
+        let plain = |i: usize| {
+            let (x, y, z) = at(i);
+            (26..30).contains(&x) && (26..30).contains(&y) && (1..3).contains(&z)
+        };
+        let labels = (0..g.len())
+            .map(|i| {
+                if dark(i) || plain(i) {
+                    label::TUMOUR
+                } else {
+                    label::LIVER
+                }
+            })
+            .collect();
+        let mut rng = crate::volume::phantom::Rng::new(3, 0);
+        let hu = (0..g.len())
+            .map(|i| (if dark(i) { 30.0 } else { 60.0 }) + rng.range(-10.0, 10.0) as f32)
+            .collect();
+        let ct = CtVolume::new(g.clone(), hu).unwrap();
+        let (nu, nv) = (20, 20);
+        let maps = ProbabilityMaps {
+            stride: 2,
+            scale: [1.0, 1.0],
+            x0: 0,
+            y0: 0,
+            nu,
+            nv,
+            nz: 4,
+            probs: [
+                vec![0.0; nu * nv * 4],
+                vec![0.4; nu * nv * 4],
+                vec![0.6; nu * nv * 4],
+            ],
+        };
+        let mut mask = LabelVolume::new(g.clone(), labels).unwrap();
+        let mut unconfirmed = mask.clone();
+        assert_eq!(drop_weak_tumours(&maps, &ct, &mut mask, 0.9, 3.5), 1);
+        assert!((0..g.len()).all(|i| (mask.labels()[i] == label::TUMOUR) == dark(i)));
+        // Without confirmation both go.
+        assert_eq!(
+            drop_weak_tumours(&maps, &ct, &mut unconfirmed, 0.9, f64::INFINITY),
+            2
+        );
     }
 }
