@@ -602,17 +602,31 @@ mod tests {
     use super::*;
     use crate::volume::Geometry;
 
+    /// An axis-aligned grid at the origin.
+    fn grid(shape: [usize; 3], spacing: [f64; 3]) -> Geometry {
+        let axes = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+        Geometry::new(shape, spacing, axes, [0.0; 3]).unwrap()
+    }
+
+    /// Stride-2 maps of nu × nv × nz nodes: tumour `p`, liver 1 − p, no background.
+    fn maps(nu: usize, nv: usize, nz: usize, p: Vec<f32>) -> ProbabilityMaps {
+        ProbabilityMaps {
+            stride: 2,
+            scale: [1.0, 1.0],
+            x0: 0,
+            y0: 0,
+            nu,
+            nv,
+            nz,
+            probs: [vec![0.0; p.len()], p.iter().map(|p| 1.0 - p).collect(), p],
+        }
+    }
+
     #[test]
     fn hysteresis_keeps_lesions_whose_peak_is_confident() {
         // A 12 × 4 × 1 strip: liver, with two tumour components (x 1..=3 and x 7..=9) whose
         // tumour probabilities peak at 0.95 and 0.6; maps on a stride-2 grid.
-        let g = Geometry::new(
-            [12, 4, 1],
-            [1.0, 1.0, 1.0],
-            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
-            [0.0; 3],
-        )
-        .unwrap();
+        let g = grid([12, 4, 1], [1.0, 1.0, 1.0]);
         let tumour = |x: usize| (1..=3).contains(&x) || (7..=9).contains(&x);
         let labels = (0..g.len())
             .map(|i| {
@@ -631,16 +645,7 @@ mod tests {
                 _ => 0.1,
             })
             .collect();
-        let maps = ProbabilityMaps {
-            stride: 2,
-            scale: [1.0, 1.0],
-            x0: 0,
-            y0: 0,
-            nu,
-            nv,
-            nz: 1,
-            probs: [vec![0.0; nu * nv], p2.iter().map(|p| 1.0 - p).collect(), p2],
-        };
+        let maps = maps(nu, nv, 1, p2);
         let ct = CtVolume::new(g.clone(), vec![60.0; g.len()]).unwrap();
         let mut strong = LabelVolume::new(g.clone(), labels).unwrap();
         let mut weak = strong.clone();
@@ -662,13 +667,7 @@ mod tests {
     fn the_ct_keeps_a_weak_component_that_is_clearly_darker() {
         // A 40 × 40 × 4 liver of 60 ± 10 HU with two tumour components whose probability
         // peaks at 0.6 (below the seed of 0.9): one 30 HU darker than the liver, one not.
-        let g = Geometry::new(
-            [40, 40, 4],
-            [1.0, 1.0, 2.0],
-            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
-            [0.0; 3],
-        )
-        .unwrap();
+        let g = grid([40, 40, 4], [1.0, 1.0, 2.0]);
         let at = |i: usize| (i % 40, (i / 40) % 40, i / 1600);
         let dark = |i: usize| {
             let (x, y, z) = at(i);
@@ -692,21 +691,7 @@ mod tests {
             .map(|i| (if dark(i) { 30.0 } else { 60.0 }) + rng.range(-10.0, 10.0) as f32)
             .collect();
         let ct = CtVolume::new(g.clone(), hu).unwrap();
-        let (nu, nv) = (20, 20);
-        let maps = ProbabilityMaps {
-            stride: 2,
-            scale: [1.0, 1.0],
-            x0: 0,
-            y0: 0,
-            nu,
-            nv,
-            nz: 4,
-            probs: [
-                vec![0.0; nu * nv * 4],
-                vec![0.4; nu * nv * 4],
-                vec![0.6; nu * nv * 4],
-            ],
-        };
+        let maps = maps(20, 20, 4, vec![0.6; 20 * 20 * 4]);
         let mut mask = LabelVolume::new(g.clone(), labels).unwrap();
         let mut unconfirmed = mask.clone();
         assert_eq!(drop_weak_tumours(&maps, &ct, &mut mask, 0.9, 3.5), 1);
