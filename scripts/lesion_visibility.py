@@ -51,7 +51,7 @@ def longest_axial_mm(lesion, sp):
     return best
 
 
-def null_means(ct, lesion, free_liver, copies, rng):
+def null_medians(ct, lesion, free_liver, copies, rng):
     """Medians of the CT over up to `copies` shifted copies of `lesion` lying in `free_liver`."""
     idx = np.argwhere(lesion)
     lo, hi = idx.min(0), idx.max(0)
@@ -119,17 +119,17 @@ def main():
             total += vol
             diam = longest_axial_mm(m, sp)
             n_ge10 += diam >= 10.0
-            null = null_means(ct, m, free, args.copies, rng)
-            mean = float(np.median(ct[m]))
+            null = null_medians(ct, m, free, args.copies, rng)
+            median = float(np.median(ct[m]))
             hit = pred is not None and bool(pred[m].any())
             found = "" if pred is None else ("    yes" if hit else "     no")
             if len(null) < 10:
                 dp = float("nan")
-                print(f"{k:>5} {i:>6} {vol:7.2f} {diam:8.1f} {mean:6.0f}      - (no room for copies)"
+                print(f"{k:>5} {i:>6} {vol:7.2f} {diam:8.1f} {median:6.0f}      - (no room for copies)"
                       + found)
             else:
-                dp = abs(mean - null.mean()) / max(null.std(), 1e-6)
-                print(f"{k:>5} {i:>6} {vol:7.2f} {diam:8.1f} {mean:6.0f} {null.mean():6.0f} "
+                dp = abs(median - null.mean()) / max(null.std(), 1e-6)
+                print(f"{k:>5} {i:>6} {vol:7.2f} {diam:8.1f} {median:6.0f} {null.mean():6.0f} "
                       f"{null.std():7.1f} {dp:7.1f}" + found)
             if pred is not None and not np.isnan(dp):
                 band = min(int(dp), 5)
