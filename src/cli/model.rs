@@ -141,6 +141,11 @@ pub struct InferArgs {
     /// the study (inf: never).
     #[arg(long, default_value_t = InferOptions::default().tumour_confirm_z)]
     pub tumour_confirm_z: f64,
+    /// Each tumour component is redrawn from the CT (halfway between its median and the
+    /// surrounding liver's, plus a bright rim) within this distance of the network's extent
+    /// (mm; 0: the network's extent).
+    #[arg(long, default_value_t = InferOptions::default().tumour_refine_mm)]
+    pub tumour_refine_mm: f64,
 }
 
 /// Refuses a value of `flag` outside 0…1.
@@ -177,6 +182,12 @@ impl InferArgs {
                 self.tumour_confirm_z
             )));
         }
+        if !(0.0..=50.0).contains(&self.tumour_refine_mm) {
+            return Err(Failure::Other(anyhow::anyhow!(
+                "--tumour-refine-mm {}: must be between 0 and 50",
+                self.tumour_refine_mm
+            )));
+        }
         Ok(InferOptions {
             mode: self.mode,
             stride: self.stride,
@@ -188,6 +199,7 @@ impl InferArgs {
             tumour_margin_mm: self.tumour_margin_mm,
             max_end_slice_share: self.max_end_slice_share,
             tumour_confirm_z: self.tumour_confirm_z,
+            tumour_refine_mm: self.tumour_refine_mm,
             ..InferOptions::default()
         })
     }

@@ -5,12 +5,14 @@
 
 mod components;
 mod postprocess;
+mod refine;
 
 pub use components::{Components, Connectivity, Run};
 pub use postprocess::{
     contrast_z, drop_end_slice_tumours, drop_small_tumours, drop_tumour_outside_liver,
     keep_largest_liver, tumour_components,
 };
+pub use refine::refine_tumour_extents;
 
 use serde::Serialize;
 

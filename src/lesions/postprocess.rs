@@ -266,7 +266,7 @@ pub fn contrast_z(
 }
 
 /// The median of `v` (the upper of the two middle values for an even count); `v` is reordered.
-fn median(v: &mut [f32]) -> f32 {
+pub(crate) fn median(v: &mut [f32]) -> f32 {
     let mid = v.len() / 2;
     *v.select_nth_unstable_by(mid, f32::total_cmp).1
 }

@@ -125,6 +125,10 @@ pub struct InferOptions {
     /// (`lesions::contrast_z`); infinite: components below the seed always go.
     #[serde(default = "default_confirm_z")]
     pub tumour_confirm_z: f64,
+    /// Post-processing: each tumour component is redrawn from the CT within this distance of
+    /// the network's extent (`lesions::refine_tumour_extents`); 0: the network's extent.
+    #[serde(default = "default_refine_mm")]
+    pub tumour_refine_mm: f64,
 }
 
 impl Default for InferOptions {
@@ -141,6 +145,7 @@ impl Default for InferOptions {
             tumour_threshold: None,
             tumour_seed_threshold: None,
             tumour_confirm_z: default_confirm_z(),
+            tumour_refine_mm: default_refine_mm(),
         }
     }
 }
@@ -151,6 +156,10 @@ fn default_end_slice_share() -> f64 {
 
 fn default_confirm_z() -> f64 {
     3.5
+}
+
+fn default_refine_mm() -> f64 {
+    6.0
 }
 
 /// Mirror images averaged into the probabilities (test-time augmentation).
@@ -593,6 +602,7 @@ pub fn mask_from(
         );
     }
     lesions::drop_end_slice_tumours(&mut mask, opts.max_end_slice_share);
+    lesions::refine_tumour_extents(&mut mask, ct, opts.tumour_refine_mm);
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
     mask
 }

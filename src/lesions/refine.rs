@@ -1,0 +1,414 @@
+//! Extent refinement of tumour components from the CT: the network decides *where* a lesion
+//! is, the study's own contrast between that lesion and the liver around it decides *how far*
+//! it reaches. A patch classifier trained on class-balanced crops draws small and
+//! low-contrast lesions too small and leaves out the bright rim of rim-enhancing ones; a
+//! threshold halfway between the lesion's and its surrounding liver's median CT values, on
+//! a lightly smoothed CT, recovers the boundary the CT itself shows.
+
+use super::Components;
+use super::postprocess::{median, tumour_components};
+use crate::lesions::Connectivity;
+use crate::volume::edt::squared_distance;
+use crate::volume::phantom::gaussian_blur;
+use crate::volume::{CtVolume, LabelVolume, label};
+
+/// The liver a component is compared with: parenchyma (label 1) in its own slices, more than
+/// `SHELL_MM.0` and at most `SHELL_MM.1` millimetres from it in-plane.
+const SHELL_MM: (f64, f64) = (3.0, 7.0);
+/// Fewest shell voxels for a reference.
+const SHELL_MIN_VOXELS: usize = 20;
+/// Least contrast (HU) between the shell's and the component's medians for a refinement.
+const MIN_CONTRAST_HU: f32 = 5.0;
+/// Where between the component's median (0) and its shell's (1) the boundary lies.
+const THRESHOLD_FRACTION: f32 = 0.5;
+/// In-plane Gaussian smoothing of the CT before the threshold (σ, mm).
+const SMOOTH_MM: f64 = 1.4;
+/// A rim-enhancing lesion's rim: voxels within this distance (mm) of the dark core that are
+/// brighter than the shell's median by `RIM_HU`.
+const RIM_MM: f64 = 4.5;
+/// A dark part joins the core when its overlap with the component is at least 1/this of the
+/// largest part's.
+const CORE_SHARE_DIVISOR: usize = 4;
+/// … or at least this volume (mm³): a second lesion the network drew as one with the first.
+const CORE_MIN_MM3: f64 = 300.0;
+const RIM_HU: f32 = 20.0;
+
+/// Redraws each tumour component (26-connected) within `grow_mm` of where the network put it,
+/// from the CT: the component's median CT value and the median of the liver around it
+/// (`SHELL_MM`) set a threshold halfway between them; the voxels of the smoothed CT darker
+/// than that, connected to the part of the component that is, become the lesion's core, and
+/// voxels next to that core brighter than the liver by `RIM_HU` its rim (rim-enhancing
+/// lesions). A component's voxels outside the new extent become liver. Tumour only ever
+/// takes liver (label 1) voxels, so it stays inside the liver; each component grows only
+/// into voxels nearer to it than to any other component (by a voxel diagonal), so
+/// neighbours never merge by growing. Components with no shell, too little contrast (< `MIN_CONTRAST_HU`) or no dark
+/// voxel keep the network's extent. `grow_mm` ≤ 0 changes nothing. Deterministic. Returns
+/// the number of components redrawn.
+pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64) -> usize {
+    if grow_mm.is_nan() || grow_mm <= 0.0 || ct.geometry().shape() != mask.geometry().shape() {
+        return 0;
+    }
+    let comps = tumour_components(mask);
+    if comps.count() == 0 {
+        return 0;
+    }
+    let shape = mask.geometry().shape();
+    let spacing = mask.geometry().spacing_mm();
+    let ids = comps.label_volume();
+    let voxel_mm3 = mask.geometry().voxel_volume_mm3();
+    let original = mask.labels().to_vec();
+    let boxes = bounding_boxes(&comps);
+    let reach = grow_mm + RIM_MM;
+    let diagonal = spacing.iter().map(|s| s * s).sum::<f64>().sqrt();
+    let mut changed = 0;
+    for l in 1..=comps.count() as u32 {
+        // Voxels that may join lie within `reach` of the component; a rival that matters to
+        // one of them lies within 2·reach + a diagonal. The smoothing needs 3σ more.
+        let (lo, hi) = boxes[l as usize];
+        let b = Box3::around(lo, hi, shape, |t| {
+            let margin = (2.0 * reach + diagonal).max(SHELL_MM.1) + 3.0 * SMOOTH_MM;
+            (margin / spacing[t]).ceil() as usize + 1
+        });
+        let n = b.len();
+        let mut this = vec![false; n];
+        let mut rival = vec![false; n];
+        let mut labels = vec![0u8; n];
+        let mut hu = vec![0f32; n];
+        b.for_each(shape, |i, g| {
+            this[i] = ids[g] == l;
+            rival[i] = ids[g] != 0 && ids[g] != l;
+            labels[i] = original[g];
+            hu[i] = ct.hu()[g];
+        });
+        let d_this = squared_distance(&this, b.shape, spacing);
+        let d_rival = squared_distance(&rival, b.shape, spacing);
+        let in_plane = squared_distance(&this, b.shape, [spacing[0], spacing[1], 1e6]);
+
+        // The liver around the component, and the component itself.
+        let (s0, s1) = (SHELL_MM.0 * SHELL_MM.0, SHELL_MM.1 * SHELL_MM.1);
+        let mut shell: Vec<f32> = (0..n)
+            .filter(|&i| labels[i] == label::LIVER && in_plane[i] > s0 && in_plane[i] <= s1)
+            .map(|i| hu[i])
+            .collect();
+        if shell.len() < SHELL_MIN_VOXELS {
+            continue;
+        }
+        let liver_hu = median(&mut shell);
+        let mut own: Vec<f32> = (0..n).filter(|&i| this[i]).map(|i| hu[i]).collect();
+        let lesion_hu = median(&mut own);
+        if liver_hu - lesion_hu < MIN_CONTRAST_HU {
+            continue;
+        }
+        let threshold = lesion_hu + THRESHOLD_FRACTION * (liver_hu - lesion_hu);
+        let sigma = [SMOOTH_MM / spacing[0], SMOOTH_MM / spacing[1], 0.0];
+        let smooth = gaussian_blur(hu, b.shape, sigma);
+
+        // Inside the liver, and nearer to this component than to any other by more than one
+        // voxel diagonal: two components never grow into touching (merging) extents.
+        let owned = |i: usize| {
+            labels[i] >= label::LIVER
+                && (this[i] || d_this[i].sqrt() + diagonal < d_rival[i].sqrt())
+        };
+        let grow2 = grow_mm * grow_mm;
+        let dark: Vec<u8> = (0..n)
+            .map(|i| u8::from(owned(i) && d_this[i] <= grow2 && smooth[i] < threshold))
+            .collect();
+        let parts = Components::label(&dark, b.shape, |v| v == 1, Connectivity::TwentySix);
+        let part = parts.label_volume();
+        // The dark parts the component overlaps much; a part that only grazes it (where the
+        // component's own non-dark voxels bridged to it) would become a speck of its own.
+        let mut overlap = vec![0usize; parts.count() + 1];
+        for i in 0..n {
+            if this[i] && part[i] != 0 {
+                overlap[part[i] as usize] += 1;
+            }
+        }
+        let most = overlap.iter().copied().max().unwrap_or(0);
+        let core: Vec<bool> = part
+            .iter()
+            .map(|&p| {
+                let o = overlap[p as usize];
+                p != 0 && (o * CORE_SHARE_DIVISOR >= most || o as f64 * voxel_mm3 >= CORE_MIN_MM3)
+            })
+            .collect();
+        if !core.iter().any(|&c| c) {
+            continue;
+        }
+        let d_core = squared_distance(&core, b.shape, spacing);
+        let rim_hu = liver_hu + RIM_HU;
+        let mut new: Vec<bool> = (0..n)
+            .map(|i| core[i] || (d_core[i] <= RIM_MM * RIM_MM && smooth[i] > rim_hu))
+            .collect();
+        close_in_plane(&mut new, b.shape);
+        for (i, v) in new.iter_mut().enumerate() {
+            *v = *v && owned(i);
+        }
+        // Rim pieces cut off from the core are not this lesion's.
+        let bytes: Vec<u8> = new.iter().map(|&v| u8::from(v)).collect();
+        let pieces = Components::label(&bytes, b.shape, |v| v == 1, Connectivity::TwentySix);
+        let piece = pieces.label_volume();
+        let mut with_core = vec![false; pieces.count() + 1];
+        for i in 0..n {
+            if core[i] && piece[i] != 0 {
+                with_core[piece[i] as usize] = true;
+            }
+        }
+        for (v, &p) in new.iter_mut().zip(&piece) {
+            *v = *v && with_core[p as usize];
+        }
+
+        let out = mask.labels_mut();
+        b.for_each(shape, |i, g| {
+            if new[i] {
+                out[g] = label::TUMOUR;
+            } else if this[i] {
+                out[g] = label::LIVER;
+            }
+        });
+        changed += 1;
+    }
+    changed
+}
+
+/// Inclusive voxel bounds of each component; index 0 unused.
+fn bounding_boxes(comps: &Components) -> Vec<([usize; 3], [usize; 3])> {
+    let ny = comps.shape()[1];
+    let mut out = vec![([usize::MAX; 3], [0usize; 3]); comps.count() + 1];
+    for (r, l) in comps.runs() {
+        let (y, z) = (r.row as usize % ny, r.row as usize / ny);
+        let (lo, hi) = &mut out[l as usize];
+        for (t, (a, b)) in [(r.start as usize, r.end as usize - 1), (y, y), (z, z)]
+            .into_iter()
+            .enumerate()
+        {
+            lo[t] = lo[t].min(a);
+            hi[t] = hi[t].max(b);
+        }
+    }
+    out
+}
+
+/// A box of the volume: origin and shape.
+struct Box3 {
+    lo: [usize; 3],
+    shape: [usize; 3],
+}
+
+impl Box3 {
+    /// The bounds `lo..=hi` grown by `margin(axis)` voxels, clipped to the volume.
+    fn around(
+        lo: [usize; 3],
+        hi: [usize; 3],
+        volume: [usize; 3],
+        margin: impl Fn(usize) -> usize,
+    ) -> Self {
+        let mut b = Box3 {
+            lo: [0; 3],
+            shape: [0; 3],
+        };
+        for t in 0..3 {
+            let m = margin(t);
+            b.lo[t] = lo[t].saturating_sub(m);
+            b.shape[t] = (hi[t] + m).min(volume[t] - 1) + 1 - b.lo[t];
+        }
+        b
+    }
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Calls `f(box index, volume index)` for every voxel of the box, in Fortran order.
+    fn for_each(&self, volume: [usize; 3], mut f: impl FnMut(usize, usize)) {
+        let [bx, by, bz] = self.shape;
+        let mut i = 0;
+        for z in 0..bz {
+            for y in 0..by {
+                let g = self.lo[0] + volume[0] * ((self.lo[1] + y) + volume[1] * (self.lo[2] + z));
+                for x in 0..bx {
+                    f(i, g + x);
+                    i += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Morphological closing with the 3 × 3 in-plane square, added to the mask (a closing never
+/// removes a voxel): fills one-voxel gaps between core and rim.
+fn close_in_plane(mask: &mut [bool], shape: [usize; 3]) {
+    let dilated = square_filter(mask, shape, true);
+    let closed = square_filter(&dilated, shape, false);
+    for (m, c) in mask.iter_mut().zip(closed) {
+        *m = *m || c;
+    }
+}
+
+/// In-plane 3 × 3 dilation (`any`) or erosion (all); beyond the box counts as unset for a
+/// dilation and as set for an erosion.
+fn square_filter(mask: &[bool], shape: [usize; 3], any: bool) -> Vec<bool> {
+    let [nx, ny, _] = shape;
+    let mut out = vec![false; mask.len()];
+    for (i, o) in out.iter_mut().enumerate() {
+        let (x, y) = (i % nx, (i / nx) % ny);
+        let mut hit = !any;
+        for dy in -1i64..=1 {
+            for dx in -1i64..=1 {
+                let (xx, yy) = (x as i64 + dx, y as i64 + dy);
+                let v = if xx < 0 || yy < 0 || xx >= nx as i64 || yy >= ny as i64 {
+                    !any
+                } else {
+                    mask[(i as i64 + dx + dy * nx as i64) as usize]
+                };
+                if any && v {
+                    hit = true;
+                } else if !any && !v {
+                    hit = false;
+                }
+            }
+        }
+        *o = hit;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::Geometry;
+
+    /// 40 × 40 × 5 voxels of 1 × 1 × 2 mm, all liver at 60 HU but for `hu(x, y, z)`, with
+    /// tumour where `tumour(x, y, z)`.
+    fn study(
+        hu: impl Fn(usize, usize, usize) -> Option<f32>,
+        tumour: impl Fn(usize, usize, usize) -> bool,
+    ) -> (LabelVolume, CtVolume) {
+        let g = Geometry::new(
+            [40, 40, 5],
+            [1.0, 1.0, 2.0],
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+            [0.0; 3],
+        )
+        .unwrap();
+        let (mut labels, mut values) = (vec![0u8; g.len()], vec![0f32; g.len()]);
+        for z in 0..5 {
+            for y in 0..40 {
+                for x in 0..40 {
+                    let i = g.index(x, y, z);
+                    labels[i] = if tumour(x, y, z) {
+                        label::TUMOUR
+                    } else {
+                        label::LIVER
+                    };
+                    values[i] = hu(x, y, z).unwrap_or(60.0);
+                }
+            }
+        }
+        (
+            LabelVolume::new(g.clone(), labels).unwrap(),
+            CtVolume::new(g, values).unwrap(),
+        )
+    }
+
+    /// In-plane distance from (cx, cy) on slices 1..=3.
+    fn r(x: usize, y: usize, z: usize, cx: f64, cy: f64) -> f64 {
+        if !(1..=3).contains(&z) {
+            return f64::INFINITY;
+        }
+        ((x as f64 - cx).powi(2) + (y as f64 - cy).powi(2)).sqrt()
+    }
+
+    fn tumour_where(m: &LabelVolume, f: impl Fn(usize, usize, usize) -> bool) -> (usize, usize) {
+        let g = m.geometry();
+        let (mut hit, mut all) = (0, 0);
+        for z in 0..5 {
+            for y in 0..40 {
+                for x in 0..40 {
+                    if f(x, y, z) {
+                        all += 1;
+                        hit += usize::from(m.labels()[g.index(x, y, z)] == label::TUMOUR);
+                    }
+                }
+            }
+        }
+        (hit, all)
+    }
+
+    #[test]
+    fn a_lesion_drawn_too_small_takes_the_extent_the_ct_shows() {
+        // A 20 HU disc of radius 7 mm; the network found only its middle (radius 3).
+        let (mut m, ct) = study(
+            |x, y, z| (r(x, y, z, 20.0, 20.0) <= 7.0).then_some(20.0),
+            |x, y, z| r(x, y, z, 20.0, 20.0) <= 3.0,
+        );
+        assert_eq!(refine_tumour_extents(&mut m, &ct, 6.0), 1);
+        let (inside, all) = tumour_where(&m, |x, y, z| r(x, y, z, 20.0, 20.0) <= 6.0);
+        assert_eq!(inside, all, "the disc's inside is tumour");
+        let (outside, _) = tumour_where(&m, |x, y, z| r(x, y, z, 20.0, 20.0) > 8.0);
+        assert_eq!(outside, 0, "nothing beyond its edge");
+        // Growth stops at `grow_mm`: 2 mm more than the network's radius of 3.
+        let (mut m2, ct2) = study(
+            |x, y, z| (r(x, y, z, 20.0, 20.0) <= 7.0).then_some(20.0),
+            |x, y, z| r(x, y, z, 20.0, 20.0) <= 3.0,
+        );
+        refine_tumour_extents(&mut m2, &ct2, 2.0);
+        let (beyond, _) = tumour_where(&m2, |x, y, z| r(x, y, z, 20.0, 20.0) > 5.5);
+        assert_eq!(beyond, 0);
+    }
+
+    #[test]
+    fn a_rim_enhancing_lesion_gets_its_bright_rim() {
+        // Core of radius 5 at 20 HU inside a 3 mm rim at 110 HU; the network found the core.
+        let (mut m, ct) = study(
+            |x, y, z| {
+                let d = r(x, y, z, 20.0, 20.0);
+                (d <= 5.0).then_some(20.0).or((d <= 8.0).then_some(110.0))
+            },
+            |x, y, z| r(x, y, z, 20.0, 20.0) <= 4.0,
+        );
+        refine_tumour_extents(&mut m, &ct, 6.0);
+        let (rim, all) = tumour_where(&m, |x, y, z| (6.0..=7.0).contains(&r(x, y, z, 20.0, 20.0)));
+        assert_eq!(rim, all, "the rim is tumour");
+        let (outside, _) = tumour_where(&m, |x, y, z| r(x, y, z, 20.0, 20.0) > 9.5);
+        assert_eq!(outside, 0);
+    }
+
+    #[test]
+    fn tumour_the_ct_does_not_show_keeps_the_networks_extent() {
+        // No contrast: the component stays as drawn; growth 0 changes nothing either.
+        let disc = |x, y, z| r(x, y, z, 20.0, 20.0) <= 4.0;
+        let (mut m, ct) = study(|_, _, _| None, disc);
+        let before = m.labels().to_vec();
+        assert_eq!(refine_tumour_extents(&mut m, &ct, 6.0), 0);
+        assert_eq!(m.labels(), &before[..]);
+        let (mut m, ct) = study(|x, y, z| disc(x, y, z).then_some(10.0), disc);
+        assert_eq!(refine_tumour_extents(&mut m, &ct, 0.0), 0);
+        assert_eq!(m.labels(), &before[..]);
+    }
+
+    #[test]
+    fn neighbours_do_not_merge_by_growing_and_tumour_stays_in_the_liver() {
+        // One dark band from x 8 to 31 (y 17..=23); the network drew two components at its
+        // ends. Background (label 0) at y ≥ 30 stays background though it is dark too.
+        let band = |x: usize, y: usize, z: usize| {
+            (1..=3).contains(&z) && (8..=31).contains(&x) && (17..=23).contains(&y)
+        };
+        let (mut m, ct) = study(
+            |x, y, z| (band(x, y, z) || y >= 30).then_some(15.0),
+            |x, y, z| band(x, y, z) && (x <= 11 || x >= 28),
+        );
+        let g = m.geometry().clone();
+        for z in 0..5 {
+            for y in 30..40 {
+                for x in 0..40 {
+                    m.labels_mut()[g.index(x, y, z)] = label::BACKGROUND;
+                }
+            }
+        }
+        // 10 mm of growth would make them meet at x ≈ 20.
+        assert_eq!(refine_tumour_extents(&mut m, &ct, 10.0), 2);
+        assert_eq!(tumour_components(&m).count(), 2, "still two lesions");
+        let (grown, _) = tumour_where(&m, |x, y, z| band(x, y, z) && (12..=17).contains(&x));
+        assert!(grown > 0, "each grew along the band");
+        let (bg, _) = tumour_where(&m, |_, y, _| y >= 30);
+        assert_eq!(bg, 0);
+    }
+}
