@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, Utc};
 use serde_json::Value;
 
 use crate::db::{self, Proc, scalar, wait_until};
@@ -367,12 +367,17 @@ async fn a_missed_tick_runs_once_after_downtime() {
     scheduler::sync(&pool, &[hourly.clone(), lazy.clone()])
         .await
         .unwrap();
-    // Down for ten hours.
-    sqlx::query("UPDATE schedules SET last_tick = now() - interval '10 hours'")
+    // Down for ten hours; "now" is pinned to half past the hour, so that no tick of this
+    // hour is still live (a run in an hour's first minute would rightly fire that one too).
+    let now = Utc::now()
+        .duration_trunc(chrono::TimeDelta::hours(1))
+        .unwrap()
+        + chrono::TimeDelta::minutes(30);
+    sqlx::query("UPDATE schedules SET last_tick = $1")
+        .bind(now - chrono::TimeDelta::hours(10))
         .execute(&pool)
         .await
         .unwrap();
-    let now = Utc::now();
     let fired = scheduler::fire_due(&pool, &hourly, now, "a").await.unwrap();
     assert_eq!(fired.len(), 1, "one catch-up tick, not ten: {fired:?}");
     assert!(now - fired[0] < chrono::TimeDelta::hours(1));
