@@ -275,6 +275,27 @@ fn training_writes_a_model_that_segments_with_the_input_geometry() {
         err.contains("card.json") && err.contains("invalid model card"),
         "{err}"
     );
+
+    // Post-processing settings out of range: refused, naming the flag, before any work.
+    for (flag, value) in [
+        ("--tumour-refine-mm", "-1"),
+        ("--tumour-refine-mm", "nan"),
+        ("--tumour-confirm-z", "0"),
+    ] {
+        let o = hepaflow()
+            .args(["segment", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--input")
+            .arg(data.join("volume-0.nii.gz"))
+            .arg("--output")
+            .arg(dir.path().join("y.nii.gz"))
+            .arg(format!("{flag}={value}"))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{flag} {value}: {}", stderr(&o));
+        assert!(stderr(&o).contains(flag), "{}", stderr(&o));
+        assert!(!dir.path().join("y.nii.gz").exists());
+    }
 }
 
 #[test]
