@@ -214,6 +214,20 @@ fn training_writes_a_model_that_segments_with_the_input_geometry() {
     assert_eq!(j["studies"].as_array().unwrap().len(), 3);
     assert!(j["batch"]["liver"]["dice_global"].is_number());
 
+    // `segment` of study 0 with a model and extra arguments into x.nii.gz: (exit code, stderr).
+    let segment = |m: &Path, extra: &[String]| {
+        let o = hepaflow()
+            .args(["segment", "--device", "cpu", "--model"])
+            .arg(m)
+            .arg("--input")
+            .arg(data.join("volume-0.nii.gz"))
+            .arg("--output")
+            .arg(dir.path().join("x.nii.gz"))
+            .args(extra)
+            .output()
+            .unwrap();
+        (o.status.code(), stderr(&o))
+    };
     // Broken models: each is a clear bad-input error (exit code 3) naming the file.
     let broken = |name: &str, f: &dyn Fn(&Path)| {
         let m = dir.path().join(name);
@@ -222,16 +236,7 @@ fn training_writes_a_model_that_segments_with_the_input_geometry() {
             std::fs::copy(model.join(file), m.join(file)).unwrap();
         }
         f(&m);
-        let o = hepaflow()
-            .args(["segment", "--device", "cpu", "--model"])
-            .arg(&m)
-            .arg("--input")
-            .arg(data.join("volume-0.nii.gz"))
-            .arg("--output")
-            .arg(dir.path().join("x.nii.gz"))
-            .output()
-            .unwrap();
-        (o.status.code(), stderr(&o))
+        segment(&m, &[])
     };
     let (code, err) = broken("no-weights", &|m| {
         std::fs::remove_file(m.join("model.safetensors")).unwrap()
@@ -282,19 +287,10 @@ fn training_writes_a_model_that_segments_with_the_input_geometry() {
         ("--tumour-refine-mm", "nan"),
         ("--tumour-confirm-z", "0"),
     ] {
-        let o = hepaflow()
-            .args(["segment", "--device", "cpu", "--model"])
-            .arg(&model)
-            .arg("--input")
-            .arg(data.join("volume-0.nii.gz"))
-            .arg("--output")
-            .arg(dir.path().join("y.nii.gz"))
-            .arg(format!("{flag}={value}"))
-            .output()
-            .unwrap();
-        assert_eq!(o.status.code(), Some(1), "{flag} {value}: {}", stderr(&o));
-        assert!(stderr(&o).contains(flag), "{}", stderr(&o));
-        assert!(!dir.path().join("y.nii.gz").exists());
+        let (code, err) = segment(&model, &[format!("{flag}={value}")]);
+        assert_eq!(code, Some(1), "{flag} {value}: {err}");
+        assert!(err.contains(flag), "{err}");
+        assert!(!dir.path().join("x.nii.gz").exists());
     }
 }
 
