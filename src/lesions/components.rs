@@ -177,6 +177,23 @@ impl Components {
         }
         s
     }
+    /// Inclusive voxel bounds `(lo, hi)` of each component; index 0 is unused.
+    pub fn bounding_boxes(&self) -> Vec<([usize; 3], [usize; 3])> {
+        let ny = self.shape[1];
+        let mut out = vec![([usize::MAX; 3], [0usize; 3]); self.count + 1];
+        for (r, l) in self.runs() {
+            let (y, z) = (r.row as usize % ny, r.row as usize / ny);
+            let (lo, hi) = &mut out[l as usize];
+            for (t, (a, b)) in [(r.start as usize, r.end as usize - 1), (y, y), (z, z)]
+                .into_iter()
+                .enumerate()
+            {
+                lo[t] = lo[t].min(a);
+                hi[t] = hi[t].max(b);
+            }
+        }
+        out
+    }
     /// Linear index of each component's first voxel; index 0 is unused.
     pub fn first_voxels(&self) -> Vec<usize> {
         let nx = self.shape[0];

@@ -49,14 +49,10 @@ pub fn drop_tumour_outside_liver(mask: &mut LabelVolume, margin_mm: f64) -> u64 
     // Box around every tumour voxel, grown by the margin: every liver voxel that can be within
     // the margin of a tumour voxel lies inside it.
     let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
-    for (r, _) in comps.runs() {
-        let (y, z) = (r.row as usize % ny, r.row as usize / ny);
-        for (t, (a, b)) in [(r.start as usize, r.end as usize - 1), (y, y), (z, z)]
-            .into_iter()
-            .enumerate()
-        {
-            lo[t] = lo[t].min(a);
-            hi[t] = hi[t].max(b);
+    for (l, h) in comps.bounding_boxes().into_iter().skip(1) {
+        for t in 0..3 {
+            lo[t] = lo[t].min(l[t]);
+            hi[t] = hi[t].max(h[t]);
         }
     }
     let shape = [nx, ny, nz];
@@ -206,17 +202,12 @@ pub fn contrast_z(
         voxels[l as usize].extend((r.start as usize..r.end as usize).map(|x| [x, y, z]));
     }
     let first = comps.first_voxels();
+    let boxes = comps.bounding_boxes();
     let index = |[x, y, z]: [usize; 3]| x + nx * (y + ny * z);
     let mut values = Vec::new();
     for l in picked {
         let vox = &voxels[l as usize];
-        let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
-        for v in vox {
-            for t in 0..3 {
-                lo[t] = lo[t].min(v[t]);
-                hi[t] = hi[t].max(v[t]);
-            }
-        }
+        let (lo, hi) = boxes[l as usize];
         let rel: Vec<[usize; 3]> = vox
             .iter()
             .map(|v| [v[0] - lo[0], v[1] - lo[1], v[2] - lo[2]])

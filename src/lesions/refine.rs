@@ -8,8 +8,8 @@
 use super::Components;
 use super::postprocess::{median, tumour_components};
 use crate::lesions::Connectivity;
+use crate::volume::blur::gaussian_blur;
 use crate::volume::edt::squared_distance;
-use crate::volume::phantom::gaussian_blur;
 use crate::volume::{CtVolume, LabelVolume, label};
 
 /// The liver a component is compared with: parenchyma (label 1) in its own slices, more than
@@ -26,12 +26,12 @@ const SMOOTH_MM: f64 = 1.4;
 /// A rim-enhancing lesion's rim: voxels within this distance (mm) of the dark core that are
 /// brighter than the shell's median by `RIM_HU`.
 const RIM_MM: f64 = 4.5;
+const RIM_HU: f32 = 20.0;
 /// A dark part joins the core when its overlap with the component is at least 1/this of the
 /// largest part's.
 const CORE_SHARE_DIVISOR: usize = 4;
 /// … or at least this volume (mm³): a second lesion the network drew as one with the first.
 const CORE_MIN_MM3: f64 = 300.0;
-const RIM_HU: f32 = 20.0;
 
 /// Redraws each tumour component (26-connected) within `grow_mm` of where the network put it,
 /// from the CT: the component's median CT value and the median of the liver around it
@@ -41,9 +41,9 @@ const RIM_HU: f32 = 20.0;
 /// lesions). A component's voxels outside the new extent become liver. Tumour only ever
 /// takes liver (label 1) voxels, so it stays inside the liver; each component grows only
 /// into voxels nearer to it than to any other component (by a voxel diagonal), so
-/// neighbours never merge by growing. Components with no shell, too little contrast (< `MIN_CONTRAST_HU`) or no dark
-/// voxel keep the network's extent. `grow_mm` ≤ 0 changes nothing. Deterministic. Returns
-/// the number of components redrawn.
+/// neighbours never merge by growing. Components with no shell, too little contrast
+/// (< `MIN_CONTRAST_HU`) or no dark voxel keep the network's extent. `grow_mm` ≤ 0 changes
+/// nothing. Deterministic. Returns the number of components redrawn.
 pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64) -> usize {
     if grow_mm.is_nan() || grow_mm <= 0.0 || ct.geometry().shape() != mask.geometry().shape() {
         return 0;
@@ -57,7 +57,7 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
     let ids = comps.label_volume();
     let voxel_mm3 = mask.geometry().voxel_volume_mm3();
     let original = mask.labels().to_vec();
-    let boxes = bounding_boxes(&comps);
+    let boxes = comps.bounding_boxes();
     let reach = grow_mm + RIM_MM;
     let diagonal = spacing.iter().map(|s| s * s).sum::<f64>().sqrt();
     let mut changed = 0;
@@ -80,8 +80,6 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
             labels[i] = original[g];
             hu[i] = ct.hu()[g];
         });
-        let d_this = squared_distance(&this, b.shape, spacing);
-        let d_rival = squared_distance(&rival, b.shape, spacing);
         let in_plane = squared_distance(&this, b.shape, [spacing[0], spacing[1], 1e6]);
 
         // The liver around the component, and the component itself.
@@ -99,6 +97,8 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         if liver_hu - lesion_hu < MIN_CONTRAST_HU {
             continue;
         }
+        let d_this = squared_distance(&this, b.shape, spacing);
+        let d_rival = squared_distance(&rival, b.shape, spacing);
         let threshold = lesion_hu + THRESHOLD_FRACTION * (liver_hu - lesion_hu);
         let sigma = [SMOOTH_MM / spacing[0], SMOOTH_MM / spacing[1], 0.0];
         let smooth = gaussian_blur(hu, b.shape, sigma);
@@ -168,24 +168,6 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         changed += 1;
     }
     changed
-}
-
-/// Inclusive voxel bounds of each component; index 0 unused.
-fn bounding_boxes(comps: &Components) -> Vec<([usize; 3], [usize; 3])> {
-    let ny = comps.shape()[1];
-    let mut out = vec![([usize::MAX; 3], [0usize; 3]); comps.count() + 1];
-    for (r, l) in comps.runs() {
-        let (y, z) = (r.row as usize % ny, r.row as usize / ny);
-        let (lo, hi) = &mut out[l as usize];
-        for (t, (a, b)) in [(r.start as usize, r.end as usize - 1), (y, y), (z, z)]
-            .into_iter()
-            .enumerate()
-        {
-            lo[t] = lo[t].min(a);
-            hi[t] = hi[t].max(b);
-        }
-    }
-    out
 }
 
 /// A box of the volume: origin and shape.
