@@ -38,6 +38,9 @@ pub enum Command {
     Metrics(imaging::MetricsArgs),
     /// Train the VGG16 patch classifier on a LiTS-layout folder.
     Train(model::TrainArgs),
+    /// Fit a model's false-positive filter on its training studies (the step train ends with)
+    /// and write it into the model's card.
+    FitFilter(model::FitFilterArgs),
     /// Segment one CT volume into a liver/tumour label mask.
     Segment(model::SegmentArgs),
     /// Segment every study of a LiTS-layout folder and score it against its ground truth.
@@ -131,6 +134,7 @@ pub fn run(cli: Cli, settings: &Settings) -> CmdResult {
         Command::Metrics(a) => imaging::metrics(a, settings),
         Command::Bench(a) => bench::bench(a, settings),
         Command::Train(a) => model::train(a, settings),
+        Command::FitFilter(a) => model::fit_filter(a, settings),
         Command::Segment(a) => model::segment(a, settings),
         Command::Eval(a) => model::eval(a, settings),
         Command::Run(a) => service::run(a, settings),

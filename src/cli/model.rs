@@ -1,4 +1,4 @@
-//! Model tools: `train`, `segment`, `eval`.
+//! Model tools: `train`, `fit-filter`, `segment`, `eval`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -103,6 +103,71 @@ pub fn train(args: TrainArgs, settings: &Settings) -> CmdResult {
 }
 
 #[derive(Debug, Args)]
+pub struct FitFilterArgs {
+    /// Model folder (card.json + weights); its card.json gets the filter.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// LiTS-layout folder: the model's training studies.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// Fits a model's false-positive filter on a LiTS-layout folder (the step `train` ends with)
+/// and writes it into the model's card; the weights stay as they are.
+pub fn fit_filter(args: FitFilterArgs, settings: &Settings) -> CmdResult {
+    let device = segment::parse_device(&args.device).map_err(model_failure)?;
+    let clf = Classifier::load(&args.model, device, true).map_err(model_failure)?;
+    let studies = train::lits_pairs(&args.data).map_err(|e| Failure::BadInput(e.into()))?;
+    let opts = InferOptions::default();
+    let thresholds = (clf.tumour_threshold(), clf.tumour_seed_threshold());
+    let filter = train::fit_false_positive_filter(
+        &clf,
+        &studies,
+        &opts,
+        thresholds,
+        &settings.read_limits,
+        device,
+    )
+    .map_err(|e| match e {
+        TrainError::Nifti(e) => bad_input(e),
+        TrainError::Model(e) => model_failure(e),
+        TrainError::Data(_) => Failure::BadInput(e.into()),
+        TrainError::Write { .. } => Failure::Other(e.into()),
+    })?
+    .map_err(|why| {
+        Failure::BadInput(anyhow::anyhow!(
+            "{}: no filter can be fitted: {why}",
+            args.data.display()
+        ))
+    })?;
+    let (n, lesions) = (
+        filter.exemplars.len(),
+        filter.exemplars.iter().filter(|e| e.lesion).count(),
+    );
+    let mut card = clf.card().clone();
+    card.false_positive_filter = Some(filter);
+    let path = args.model.join(segment::CARD_FILE);
+    let tmp = args.model.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        segment::CARD_FILE
+    ));
+    std::fs::write(&tmp, serde_json::to_string_pretty(&card)?)
+        .and_then(|()| crate::fsutil::commit_temp(&tmp, &path))
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    println!(
+        "false-positive filter of {} components ({lesions} lesions, {} false positives) from {} studies written to {}",
+        n,
+        n - lesions,
+        studies.len(),
+        path.display()
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
 pub struct InferArgs {
     /// Inference mode.
     #[arg(long, value_enum, default_value_t = Mode::Dense)]
@@ -146,6 +211,11 @@ pub struct InferArgs {
     /// (mm; 0: the network's extent).
     #[arg(long, default_value_t = InferOptions::default().tumour_refine_mm)]
     pub tumour_refine_mm: f64,
+    /// Last step: a tumour component becomes liver when its this many nearest components of
+    /// the model's training studies were all false positives (default: the model card's
+    /// number; 0: no filter).
+    #[arg(long)]
+    pub fp_neighbours: Option<usize>,
 }
 
 /// Refuses a value of `flag` outside 0…1.
@@ -182,6 +252,12 @@ impl InferArgs {
                 self.tumour_confirm_z
             )));
         }
+        if self.fp_neighbours.is_some_and(|k| k > 50) {
+            return Err(Failure::Other(anyhow::anyhow!(
+                "--fp-neighbours {}: must be 0 to 50",
+                self.fp_neighbours.unwrap_or_default()
+            )));
+        }
         if !(0.0..=50.0).contains(&self.tumour_refine_mm) {
             return Err(Failure::Other(anyhow::anyhow!(
                 "--tumour-refine-mm {}: must be between 0 and 50",
@@ -200,6 +276,7 @@ impl InferArgs {
             max_end_slice_share: self.max_end_slice_share,
             tumour_confirm_z: self.tumour_confirm_z,
             tumour_refine_mm: self.tumour_refine_mm,
+            fp_neighbours: self.fp_neighbours,
             ..InferOptions::default()
         })
     }

@@ -6,6 +6,7 @@
 mod components;
 mod postprocess;
 mod refine;
+mod screen;
 
 pub use components::{Components, Connectivity, Run};
 pub use postprocess::{
@@ -13,6 +14,9 @@ pub use postprocess::{
     keep_largest_liver, tumour_components,
 };
 pub use refine::refine_tumour_extents;
+pub use screen::{
+    Exemplar, FalsePositiveFilter, component_features, drop_false_positives, exemplars,
+};
 
 use serde::Serialize;
 

@@ -129,6 +129,11 @@ pub struct InferOptions {
     /// the network's extent (`lesions::refine_tumour_extents`); 0: the network's extent.
     #[serde(default = "default_refine_mm")]
     pub tumour_refine_mm: f64,
+    /// Last step: tumour components whose this many nearest exemplars in the model card's
+    /// false-positive filter are all false positives become liver; None: the card's number;
+    /// 0: no filter.
+    #[serde(default)]
+    pub fp_neighbours: Option<usize>,
 }
 
 impl Default for InferOptions {
@@ -146,6 +151,7 @@ impl Default for InferOptions {
             tumour_seed_threshold: None,
             tumour_confirm_z: default_confirm_z(),
             tumour_refine_mm: default_refine_mm(),
+            fp_neighbours: None,
         }
     }
 }
@@ -577,16 +583,18 @@ pub fn segment(
     let seed = opts
         .tumour_seed_threshold
         .unwrap_or_else(|| net.tumour_seed_threshold());
-    mask_from(&maps, ct, opts, t, seed)
+    mask_from(&maps, ct, opts, t, seed, net.false_positive_filter(opts))
 }
 
-/// Reassembly and post-processing of computed probabilities.
+/// Reassembly and post-processing of computed probabilities; `filter`: a false-positive
+/// filter and its neighbours, the last step.
 pub fn mask_from(
     maps: &ProbabilityMaps,
     ct: &CtVolume,
     opts: &InferOptions,
     tumour_threshold: f32,
     tumour_seed_threshold: f32,
+    filter: Option<(&lesions::FalsePositiveFilter, usize)>,
 ) -> LabelVolume {
     let labels = reassemble(maps, ct.geometry().shape(), tumour_threshold);
     let mut mask = LabelVolume::new(ct.geometry().clone(), labels).expect("labels match the grid");
@@ -604,6 +612,9 @@ pub fn mask_from(
     lesions::drop_end_slice_tumours(&mut mask, opts.max_end_slice_share);
     lesions::refine_tumour_extents(&mut mask, ct, opts.tumour_refine_mm);
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
+    if let Some((f, k)) = filter {
+        lesions::drop_false_positives(&mut mask, ct, f, k);
+    }
     mask
 }
 

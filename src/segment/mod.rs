@@ -55,6 +55,10 @@ pub struct ModelCard {
     /// (default: the threshold itself, i.e. no extra condition).
     #[serde(default)]
     pub tumour_seed_threshold: Option<f32>,
+    /// Last step against false positives, fitted on the training studies' own components
+    /// (`lesions::FalsePositiveFilter`); none: every component the other steps keep stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub false_positive_filter: Option<crate::lesions::FalsePositiveFilter>,
 }
 
 /// Why a model could not be loaded or used.
@@ -145,6 +149,7 @@ impl Classifier {
             validation: Vec::new(),
             tumour_threshold: None,
             tumour_seed_threshold: None,
+            false_positive_filter: None,
         };
         Classifier {
             card,
@@ -187,6 +192,12 @@ impl Classifier {
                 path: card_path.display().to_string(),
                 reason,
             })?;
+        if let Some(f) = &card.false_positive_filter {
+            f.validate().map_err(|reason| ModelError::Card {
+                path: card_path.display().to_string(),
+                reason,
+            })?;
+        }
         let wpath = dir.join(&card.weights_file);
         let wname = wpath.display().to_string();
         if !wpath.exists() {
@@ -262,6 +273,16 @@ impl Classifier {
             .tumour_threshold
             .filter(|t| (0.0..=1.0).contains(t))
             .unwrap_or(0.5)
+    }
+    /// The card's false-positive filter and the neighbours it is used with (`opts`' choice,
+    /// else the card's); None without a filter or with 0 neighbours.
+    pub fn false_positive_filter(
+        &self,
+        opts: &InferOptions,
+    ) -> Option<(&crate::lesions::FalsePositiveFilter, usize)> {
+        let f = self.card.false_positive_filter.as_ref()?;
+        let k = opts.fp_neighbours.unwrap_or(f.neighbours);
+        (k > 0).then_some((f, k))
     }
     /// The card's calibrated seed threshold, else the tumour threshold.
     pub fn tumour_seed_threshold(&self) -> f32 {

@@ -584,6 +584,29 @@ pub fn train(
         dice = calibrated,
         "tumour thresholds calibrated"
     );
+    // The last step against false positives learns from the components this model makes on
+    // all its studies.
+    let filter = match fit_false_positive_filter(
+        &clf,
+        &studies,
+        &infer_opts,
+        (threshold, seed),
+        limits,
+        opts.device,
+    )? {
+        Ok(f) => {
+            tracing::info!(
+                exemplars = f.exemplars.len(),
+                lesions = f.exemplars.iter().filter(|e| e.lesion).count(),
+                "false-positive filter fitted"
+            );
+            Some(f)
+        }
+        Err(why) => {
+            tracing::warn!(reason = %why, "no false-positive filter");
+            None
+        }
+    };
     std::fs::create_dir_all(out).map_err(|source| TrainError::Write {
         path: out.display().to_string(),
         source,
@@ -640,6 +663,7 @@ pub fn train(
         c.validation = history;
         c.tumour_threshold = Some(threshold);
         c.tumour_seed_threshold = Some(seed);
+        c.false_positive_filter = filter;
         c.clone()
     };
     let card_path = out.join(CARD_FILE);
@@ -654,6 +678,36 @@ pub fn train(
         source,
     })?;
     Ok(card)
+}
+
+/// The false-positive filter of `clf`: every study of `studies` segmented by it with the
+/// (tumour, seed) thresholds and no filter, each tumour component an exemplar labelled by the
+/// study's reference (`lesions::exemplars`). The inner error
+/// says why no filter could be fitted (too few components of a kind).
+pub fn fit_false_positive_filter(
+    clf: &Classifier,
+    studies: &[StudyFiles],
+    infer_opts: &InferOptions,
+    (threshold, seed): (f32, f32),
+    limits: &ReadLimits,
+    device: Device,
+) -> Result<Result<crate::lesions::FalsePositiveFilter, String>, TrainError> {
+    let mut all = Vec::new();
+    for s in studies {
+        let ct = CtVolume::read(&s.volume, limits)?;
+        let truth = LabelVolume::read(&s.truth, limits)?;
+        if !ct.geometry().same_grid(truth.geometry()) {
+            return Err(TrainError::Data(format!(
+                "{}: not on the grid of {}",
+                s.truth.display(),
+                s.volume.display()
+            )));
+        }
+        let maps = infer::probabilities(clf, &ct, infer_opts, device);
+        let pred = infer::mask_from(&maps, &ct, infer_opts, threshold, seed, None);
+        all.extend(crate::lesions::exemplars(&pred, &ct, &truth));
+    }
+    Ok(crate::lesions::FalsePositiveFilter::fit(all, studies.len()))
 }
 
 /// The held-out studies: a quarter of them (at least one), taken in `order` — lesion-bearing
@@ -693,7 +747,7 @@ fn calibrate(
                 .iter()
                 .zip(maps)
                 .map(|((_, ct, truth), m)| {
-                    let pred = infer::mask_from(m, ct, opts, t, seed);
+                    let pred = infer::mask_from(m, ct, opts, t, seed, None);
                     metrics::evaluate(truth, &pred).expect("same grid")
                 })
                 .collect();

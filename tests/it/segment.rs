@@ -1,5 +1,6 @@
 //! The segmentation engine on real libtorch: training writes a usable model, dense and patch
-//! evaluation agree, segmentation keeps the input's geometry, bad models are refused.
+//! evaluation agree, segmentation keeps the input's geometry, bad models are refused, the
+//! false-positive filter drops what it learned to drop.
 
 use std::path::Path;
 
@@ -286,6 +287,7 @@ fn training_writes_a_model_that_segments_with_the_input_geometry() {
         ("--tumour-refine-mm", "-1"),
         ("--tumour-refine-mm", "nan"),
         ("--tumour-confirm-z", "0"),
+        ("--fp-neighbours", "51"),
     ] {
         let (code, err) = segment(&model, &[format!("{flag}={value}")]);
         assert_eq!(code, Some(1), "{flag} {value}: {err}");
@@ -315,4 +317,79 @@ fn the_demo_model_segments_studies_of_any_pixel_size() {
             assert!(dice >= 0.9, "{shape}: liver Dice {dice}");
         }
     }
+}
+
+#[test]
+fn the_false_positive_filter_drops_the_gallbladder_and_keeps_the_lesions() {
+    // The first two studies of seed 777: the demo network takes each gallbladder for a lesion
+    // (and a second component of study 0 too); its card's filter, fitted on its 12 training
+    // studies, turns the gallbladders back into what they are and keeps the lesion it found.
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    phantoms(&data, 2, "256x256x48", 777);
+    let demo = root().join("models/demo");
+    let eval = |model: &Path, extra: &[&str]| {
+        let j = json_of(
+            hepaflow()
+                .args(["eval", "--json", "--device", "cpu", "--model"])
+                .arg(model)
+                .arg("--data")
+                .arg(&data)
+                .args(extra),
+        );
+        let (tp, fp) = j["studies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| &s["metrics"]["detection"])
+            .fold((0, 0), |(t, f), d| {
+                (t + d["tp"].as_u64().unwrap(), f + d["fp"].as_u64().unwrap())
+            });
+        let dice = j["batch"]["tumour"]["dice_per_case"].as_f64().unwrap();
+        (tp, fp, dice)
+    };
+    let (tp_off, fp_off, dice_off) = eval(&demo, &["--fp-neighbours", "0"]);
+    let (tp, fp, dice) = eval(&demo, &[]);
+    assert_eq!(tp, tp_off, "a lesion was dropped");
+    assert!(fp_off >= 2 && fp < fp_off, "false positives {fp_off} -> {fp}");
+    assert!(dice > dice_off + 0.05, "tumour Dice {dice_off} -> {dice}");
+
+    // Fitting on these two studies alone: too little to tell lesions from false positives, a
+    // clear error, and the card as it was.
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for file in ["card.json", "model.safetensors"] {
+        std::fs::copy(demo.join(file), model.join(file)).unwrap();
+    }
+    let card = std::fs::read(model.join("card.json")).unwrap();
+    let o = hepaflow()
+        .args(["fit-filter", "--device", "cpu", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no filter can be fitted"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(model.join("card.json")).unwrap(), card);
+
+    // A card whose filter is broken is refused, naming the field.
+    let mut v: serde_json::Value = serde_json::from_slice(&card).unwrap();
+    v["false_positive_filter"]["radius"] = serde_json::json!(-1.0);
+    std::fs::write(model.join("card.json"), v.to_string()).unwrap();
+    let o = hepaflow()
+        .args(["segment", "--device", "cpu", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(data.join("volume-0.nii.gz"))
+        .arg("--output")
+        .arg(dir.path().join("x.nii.gz"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("invalid model card") && stderr(&o).contains("radius"),
+        "{}",
+        stderr(&o)
+    );
 }
