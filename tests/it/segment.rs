@@ -351,7 +351,10 @@ fn the_false_positive_filter_drops_the_gallbladder_and_keeps_the_lesions() {
     let (tp_off, fp_off, dice_off) = eval(&demo, &["--fp-neighbours", "0"]);
     let (tp, fp, dice) = eval(&demo, &[]);
     assert_eq!(tp, tp_off, "a lesion was dropped");
-    assert!(fp_off >= 2 && fp < fp_off, "false positives {fp_off} -> {fp}");
+    assert!(
+        fp_off >= 2 && fp < fp_off,
+        "false positives {fp_off} -> {fp}"
+    );
     assert!(dice > dice_off + 0.05, "tumour Dice {dice_off} -> {dice}");
 
     // Fitting on these two studies alone: too little to tell lesions from false positives, a
@@ -370,7 +373,11 @@ fn the_false_positive_filter_drops_the_gallbladder_and_keeps_the_lesions() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
-    assert!(stderr(&o).contains("no filter can be fitted"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no filter can be fitted"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(std::fs::read(model.join("card.json")).unwrap(), card);
 
     // A card whose filter is broken is refused, naming the field.
