@@ -21,6 +21,15 @@ fn model_failure(e: ModelError) -> Failure {
     }
 }
 
+fn train_failure(e: TrainError) -> Failure {
+    match e {
+        TrainError::Nifti(e) => bad_input(e),
+        TrainError::Model(e) => model_failure(e),
+        TrainError::Data(_) => Failure::BadInput(e.into()),
+        TrainError::Write { .. } => Failure::Other(e.into()),
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// LiTS-layout folder (volume-K.nii.gz + segmentation-K.nii.gz).
@@ -86,12 +95,7 @@ pub fn train(args: TrainArgs, settings: &Settings) -> CmdResult {
     };
     let t = Instant::now();
     let card =
-        train::train(&args.data, &args.out, &opts, &settings.read_limits).map_err(|e| match e {
-            TrainError::Nifti(e) => bad_input(e),
-            TrainError::Model(e) => model_failure(e),
-            TrainError::Data(_) => Failure::BadInput(e.into()),
-            TrainError::Write { .. } => Failure::Other(e.into()),
-        })?;
+        train::train(&args.data, &args.out, &opts, &settings.read_limits).map_err(train_failure)?;
     tracing::info!(duration_s = t.elapsed().as_secs(), "model written");
     println!(
         "model {} written to {} (weights sha256 {})",
@@ -130,12 +134,7 @@ pub fn fit_filter(args: FitFilterArgs, settings: &Settings) -> CmdResult {
         &settings.read_limits,
         device,
     )
-    .map_err(|e| match e {
-        TrainError::Nifti(e) => bad_input(e),
-        TrainError::Model(e) => model_failure(e),
-        TrainError::Data(_) => Failure::BadInput(e.into()),
-        TrainError::Write { .. } => Failure::Other(e.into()),
-    })?
+    .map_err(train_failure)?
     .map_err(|why| {
         Failure::BadInput(anyhow::anyhow!(
             "{}: no filter can be fitted: {why}",

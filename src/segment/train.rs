@@ -150,6 +150,21 @@ pub struct StudyFiles {
     pub truth: PathBuf,
 }
 
+impl StudyFiles {
+    /// An error naming both files unless the reference lies on the CT's grid.
+    fn check_grid(&self, ct: &CtVolume, truth: &LabelVolume) -> Result<(), TrainError> {
+        if ct.geometry().same_grid(truth.geometry()) {
+            Ok(())
+        } else {
+            Err(TrainError::Data(format!(
+                "{}: not on the grid of {}",
+                self.truth.display(),
+                self.volume.display()
+            )))
+        }
+    }
+}
+
 /// The `volume-K` / `segmentation-K` pairs of a folder, by K.
 pub fn lits_pairs(dir: &Path) -> Result<Vec<StudyFiles>, TrainError> {
     let entries = std::fs::read_dir(dir)
@@ -423,13 +438,7 @@ pub fn train(
     let mut val_set = Vec::new();
     for (i, (s, mask)) in studies.iter().zip(masks).enumerate() {
         let ct = CtVolume::read(&s.volume, limits)?;
-        if !ct.geometry().same_grid(mask.geometry()) {
-            return Err(TrainError::Data(format!(
-                "{}: not on the grid of {}",
-                s.truth.display(),
-                s.volume.display()
-            )));
-        }
+        s.check_grid(&ct, &mask)?;
         let hash = |p: &Path| {
             super::sha256_file(p).map_err(|e| TrainError::Data(format!("{}: {e}", p.display())))
         };
@@ -696,13 +705,7 @@ pub fn fit_false_positive_filter(
     for s in studies {
         let ct = CtVolume::read(&s.volume, limits)?;
         let truth = LabelVolume::read(&s.truth, limits)?;
-        if !ct.geometry().same_grid(truth.geometry()) {
-            return Err(TrainError::Data(format!(
-                "{}: not on the grid of {}",
-                s.truth.display(),
-                s.volume.display()
-            )));
-        }
+        s.check_grid(&ct, &truth)?;
         let maps = infer::probabilities(clf, &ct, infer_opts, device);
         let pred = infer::mask_from(&maps, &ct, infer_opts, threshold, seed, None);
         all.extend(crate::lesions::exemplars(&pred, &ct, &truth));
