@@ -129,6 +129,7 @@ pub fn fit_filter(args: FitFilterArgs, settings: &Settings) -> CmdResult {
     let filter = train::fit_false_positive_filter(
         &clf,
         &studies,
+        &[],
         &opts,
         thresholds,
         &settings.read_limits,
@@ -147,15 +148,12 @@ pub fn fit_filter(args: FitFilterArgs, settings: &Settings) -> CmdResult {
     );
     let mut card = clf.card().clone();
     card.false_positive_filter = Some(filter);
-    let path = args.model.join(segment::CARD_FILE);
-    let tmp = args.model.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        segment::CARD_FILE
-    ));
-    std::fs::write(&tmp, serde_json::to_string_pretty(&card)?)
-        .and_then(|()| crate::fsutil::commit_temp(&tmp, &path))
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    let path = card.write_to(&args.model).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot write {}: {e}",
+            args.model.join(segment::CARD_FILE).display()
+        )
+    })?;
     println!(
         "false-positive filter of {} components ({lesions} lesions, {} false positives) from {} studies written to {}",
         n,
@@ -251,10 +249,11 @@ impl InferArgs {
                 self.tumour_confirm_z
             )));
         }
-        if self.fp_neighbours.is_some_and(|k| k > 50) {
+        if let Some(k) = self.fp_neighbours
+            && k > 50
+        {
             return Err(Failure::Other(anyhow::anyhow!(
-                "--fp-neighbours {}: must be 0 to 50",
-                self.fp_neighbours.unwrap_or_default()
+                "--fp-neighbours {k}: must be 0 to 50"
             )));
         }
         if !(0.0..=50.0).contains(&self.tumour_refine_mm) {

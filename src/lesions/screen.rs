@@ -132,6 +132,10 @@ impl FalsePositiveFilter {
     /// Whether the `k` nearest exemplars (but `skip`) of `f` are all false positives within
     /// scaled distance `r` (ties: the earlier exemplar). Never with fewer than `k` exemplars.
     fn judge(&self, f: &[f64], k: usize, r: f64, skip: Option<usize>) -> bool {
+        let others = self.exemplars.len() - usize::from(skip.is_some());
+        if k == 0 || others < k {
+            return false;
+        }
         let mut d: Vec<(f64, bool)> = self
             .exemplars
             .iter()
@@ -148,9 +152,6 @@ impl FalsePositiveFilter {
                 (d2, e.lesion)
             })
             .collect();
-        if k == 0 || d.len() < k {
-            return false;
-        }
         d.sort_by(|a, b| a.0.total_cmp(&b.0));
         d[..k].iter().all(|&(_, lesion)| !lesion) && d[k - 1].0 <= r * r
     }

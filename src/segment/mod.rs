@@ -61,6 +61,21 @@ pub struct ModelCard {
     pub false_positive_filter: Option<crate::lesions::FalsePositiveFilter>,
 }
 
+impl ModelCard {
+    /// Writes the card as `dir/card.json` (pretty JSON, through a temporary file renamed into
+    /// place). Returns that path.
+    pub fn write_to(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        let path = dir.join(CARD_FILE);
+        let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), CARD_FILE));
+        std::fs::write(
+            &tmp,
+            serde_json::to_string_pretty(self).expect("serialisable"),
+        )?;
+        crate::fsutil::commit_temp(&tmp, &path)?;
+        Ok(path)
+    }
+}
+
 /// Why a model could not be loaded or used.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -366,11 +381,7 @@ impl Classifier {
         let mut card = self.card.clone();
         card.weights_file = SCRIPT_FILE.into();
         card.weights_sha256 = sha256_file(&path).map_err(|e| werr(e.to_string()))?;
-        std::fs::write(
-            out.join(CARD_FILE),
-            serde_json::to_string_pretty(&card).expect("serialisable"),
-        )
-        .map_err(|e| werr(e.to_string()))?;
+        card.write_to(out).map_err(|e| werr(e.to_string()))?;
         Ok(card)
     }
 

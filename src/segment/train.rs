@@ -595,9 +595,15 @@ pub fn train(
     );
     // The last step against false positives learns from the components this model makes on
     // all its studies.
+    let held: Vec<_> = val_set
+        .iter()
+        .zip(&maps)
+        .map(|((id, ct, truth), m)| (id.as_str(), ct, truth, m))
+        .collect();
     let filter = match fit_false_positive_filter(
         &clf,
         &studies,
+        &held,
         &infer_opts,
         (threshold, seed),
         limits,
@@ -675,40 +681,50 @@ pub fn train(
         c.false_positive_filter = filter;
         c.clone()
     };
-    let card_path = out.join(CARD_FILE);
-    let tmp = out.join(format!(".tmp-{}-{}", std::process::id(), CARD_FILE));
-    std::fs::write(
-        &tmp,
-        serde_json::to_string_pretty(&card).expect("serialisable"),
-    )
-    .and_then(|()| crate::fsutil::commit_temp(&tmp, &card_path))
-    .map_err(|source| TrainError::Write {
-        path: card_path.display().to_string(),
+    card.write_to(out).map_err(|source| TrainError::Write {
+        path: out.join(CARD_FILE).display().to_string(),
         source,
     })?;
     Ok(card)
 }
 
+/// A study already in memory with its probability maps: (id, CT, reference, maps).
+pub type LoadedStudy<'a> = (
+    &'a str,
+    &'a CtVolume,
+    &'a LabelVolume,
+    &'a infer::ProbabilityMaps,
+);
+
 /// The false-positive filter of `clf`: every study of `studies` segmented by it with the
 /// (tumour, seed) thresholds and no filter, each tumour component an exemplar labelled by the
-/// study's reference (`lesions::exemplars`). The inner error
-/// says why no filter could be fitted (too few components of a kind).
+/// study's reference (`lesions::exemplars`). Studies in `loaded` (by id) are used as they are,
+/// the others read and run through the network. The inner error says why no filter could be
+/// fitted (too few components of a kind).
 pub fn fit_false_positive_filter(
     clf: &Classifier,
     studies: &[StudyFiles],
+    loaded: &[LoadedStudy],
     infer_opts: &InferOptions,
     (threshold, seed): (f32, f32),
     limits: &ReadLimits,
     device: Device,
 ) -> Result<Result<crate::lesions::FalsePositiveFilter, String>, TrainError> {
+    let exemplars = |ct: &CtVolume, truth: &LabelVolume, maps: &infer::ProbabilityMaps| {
+        let pred = infer::mask_from(maps, ct, infer_opts, threshold, seed, None);
+        crate::lesions::exemplars(&pred, ct, truth)
+    };
     let mut all = Vec::new();
     for s in studies {
+        if let Some(&(_, ct, truth, maps)) = loaded.iter().find(|l| l.0 == s.id) {
+            all.extend(exemplars(ct, truth, maps));
+            continue;
+        }
         let ct = CtVolume::read(&s.volume, limits)?;
         let truth = LabelVolume::read(&s.truth, limits)?;
         s.check_grid(&ct, &truth)?;
         let maps = infer::probabilities(clf, &ct, infer_opts, device);
-        let pred = infer::mask_from(&maps, &ct, infer_opts, threshold, seed, None);
-        all.extend(crate::lesions::exemplars(&pred, &ct, &truth));
+        all.extend(exemplars(&ct, &truth, &maps));
     }
     Ok(crate::lesions::FalsePositiveFilter::fit(all, studies.len()))
 }
