@@ -16,7 +16,8 @@ and place (texture, noise and partial volume included). A real method has to sea
 liver, so it needs more than this to find a lesion without false positives.
 
 The ceilings assume a method that segments every lesion with d' >= D perfectly, misses the
-others and never errs elsewhere; its tumour Dice per case (a lesion-free study scores 1) is an
+others and never errs elsewhere; its tumour Dice per case (over the lesion-bearing studies: a
+lesion-free study, where it predicts nothing, leaves the mean as in METRICS.md) is an
 upper bound for any method that cannot see below D, and so is the share of lesions with a
 longest axial diameter of at least 10 mm that it finds (recall).
 
@@ -140,8 +141,11 @@ def main():
                 if dp >= d:
                     detected[d] += vol
                     found_ge10[d] += diam >= 10.0
+        if n == 0:
+            # Both masks empty: the per-case mean leaves the study out (METRICS.md).
+            continue
         for d in THRESHOLDS:
-            ceilings[d].append(1.0 if n == 0 else 2 * detected[d] / (detected[d] + total))
+            ceilings[d].append(2 * detected[d] / (detected[d] + total))
     print()
     print("ceilings for a method that sees lesions with d' >= D only")
     print(f"{'D':>4} {'Dice per case':>13} {'recall >= 10 mm':>15}  Dice per study")

@@ -203,6 +203,11 @@ pub struct InferArgs {
     /// the study (inf: never).
     #[arg(long, default_value_t = InferOptions::default().tumour_confirm_z)]
     pub tumour_confirm_z: f64,
+    /// A tumour component whose peak reaches the seed threshold becomes liver when its median
+    /// CT value lies less than this many standard deviations below liver of its shape
+    /// elsewhere in the study (0: never).
+    #[arg(long, default_value_t = InferOptions::default().tumour_sure_z)]
+    pub tumour_sure_z: f64,
     /// Each tumour component is redrawn from the CT (halfway between its median and the
     /// surrounding liver's, plus a bright rim) within this distance of the network's extent
     /// (mm; 0: the network's extent).
@@ -249,6 +254,12 @@ impl InferArgs {
                 self.tumour_confirm_z
             )));
         }
+        if !(0.0..=100.0).contains(&self.tumour_sure_z) {
+            return Err(Failure::Other(anyhow::anyhow!(
+                "--tumour-sure-z {}: must be between 0 and 100 (0: no test)",
+                self.tumour_sure_z
+            )));
+        }
         if let Some(k) = self.fp_neighbours
             && k > 50
         {
@@ -273,6 +284,7 @@ impl InferArgs {
             tumour_margin_mm: self.tumour_margin_mm,
             max_end_slice_share: self.max_end_slice_share,
             tumour_confirm_z: self.tumour_confirm_z,
+            tumour_sure_z: self.tumour_sure_z,
             tumour_refine_mm: self.tumour_refine_mm,
             fp_neighbours: self.fp_neighbours,
             ..InferOptions::default()

@@ -27,6 +27,13 @@ const SMOOTH_MM: f64 = 1.4;
 /// brighter than the shell's median by `RIM_HU`.
 const RIM_MM: f64 = 4.5;
 const RIM_HU: f32 = 20.0;
+/// … and rings around the core, one pixel wide, whose median is brighter than the shell's by
+/// `RIM_RING_HU` (`bright_rings`), each of at least `RIM_RING_MIN_VOXELS` voxels.
+const RIM_RING_HU: f32 = 6.0;
+const RIM_RING_MIN_VOXELS: usize = 8;
+/// The liver the rings are compared with: parenchyma in the component's slices this far from
+/// it in-plane (mm), beyond any rim.
+const RIM_SHELL_MM: (f64, f64) = (8.0, 14.0);
 /// A dark part joins the core when its overlap with the component is at least 1/this of the
 /// largest part's.
 const CORE_SHARE_DIVISOR: usize = 4;
@@ -66,7 +73,7 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         // one of them lies within 2·reach + a diagonal. The smoothing needs 3σ more.
         let (lo, hi) = boxes[l as usize];
         let b = Box3::around(lo, hi, shape, |t| {
-            let margin = (2.0 * reach + diagonal).max(SHELL_MM.1) + 3.0 * SMOOTH_MM;
+            let margin = (2.0 * reach + diagonal).max(RIM_SHELL_MM.1) + 3.0 * SMOOTH_MM;
             (margin / spacing[t]).ceil() as usize + 1
         });
         let n = b.len();
@@ -92,6 +99,21 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
             continue;
         }
         let liver_hu = median(&mut shell);
+        // The rim of a rim-enhancing lesion can fill the near shell; the rings compare with
+        // liver beyond it.
+        let (f0, f1) = (
+            RIM_SHELL_MM.0 * RIM_SHELL_MM.0,
+            RIM_SHELL_MM.1 * RIM_SHELL_MM.1,
+        );
+        let mut far: Vec<f32> = (0..n)
+            .filter(|&i| labels[i] == label::LIVER && in_plane[i] > f0 && in_plane[i] <= f1)
+            .map(|i| hu[i])
+            .collect();
+        let far_hu = if far.len() < SHELL_MIN_VOXELS {
+            liver_hu
+        } else {
+            median(&mut far)
+        };
         let mut own: Vec<f32> = (0..n).filter(|&i| this[i]).map(|i| hu[i]).collect();
         let lesion_hu = median(&mut own);
         if liver_hu - lesion_hu < MIN_CONTRAST_HU {
@@ -139,6 +161,12 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         let mut new: Vec<bool> = (0..n)
             .map(|i| core[i] || (d_core[i] <= RIM_MM * RIM_MM && smooth[i] > rim_hu))
             .collect();
+        let ring_mm = spacing[0].min(spacing[1]);
+        let d_core_in_plane = squared_distance(&core, b.shape, [spacing[0], spacing[1], 1e6]);
+        let candidate = |i: usize| owned(i) && !core[i];
+        for i in bright_rings(&d_core_in_plane, &smooth, candidate, ring_mm, far_hu) {
+            new[i] = true;
+        }
         close_in_plane(&mut new, b.shape);
         for (i, v) in new.iter_mut().enumerate() {
             *v = *v && owned(i);
@@ -168,6 +196,39 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         changed += 1;
     }
     changed
+}
+
+/// The voxels of the rings around a lesion's core in its own slices, `ring_mm` wide each, out to the farthest
+/// ring within `RIM_MM` whose median (smoothed CT) is brighter than the liver by
+/// `RIM_RING_HU`: a thin enhancing rim that blur and partial volume have dimmed below `RIM_HU`
+/// voxel by voxel still lifts the median of a whole ring, which noise and a vessel crossing
+/// part of it do not. The rings inside that one (the blurred step from the dark core up to the
+/// rim) join with it. `candidate` says which voxels may join; `d_core` holds squared in-plane
+/// distances (mm²) to the core (thick slices would make a ring's caps a different distance
+/// from its sides).
+fn bright_rings(
+    d_core: &[f64],
+    smooth: &[f32],
+    candidate: impl Fn(usize) -> bool,
+    ring_mm: f64,
+    liver_hu: f32,
+) -> Vec<usize> {
+    let rings = (RIM_MM / ring_mm).ceil() as usize;
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); rings];
+    for (i, &d) in d_core.iter().enumerate() {
+        if d > 0.0 && d <= RIM_MM * RIM_MM && candidate(i) {
+            let k = ((d.sqrt() / ring_mm).ceil() as usize).clamp(1, rings) - 1;
+            members[k].push(i);
+        }
+    }
+    let farthest = members.iter().rposition(|ring| {
+        let mut values: Vec<f32> = ring.iter().map(|&i| smooth[i]).collect();
+        ring.len() >= RIM_RING_MIN_VOXELS && median(&mut values) >= liver_hu + RIM_RING_HU
+    });
+    match farthest {
+        Some(k) => members[..=k].concat(),
+        None => Vec::new(),
+    }
 }
 
 /// A box of the volume: origin and shape.
@@ -351,6 +412,32 @@ mod tests {
         assert_eq!(rim, all, "the rim is tumour");
         let (outside, _) = tumour_where(&m, |x, y, z| r(x, y, z, 20.0, 20.0) > 9.5);
         assert_eq!(outside, 0);
+    }
+
+    #[test]
+    fn a_dim_rim_joins_ring_by_ring() {
+        // Core of radius 5 at 20 HU inside a rim to radius 8 only 20 HU above the 60 HU liver
+        // (blurred thin rims look like that): no rim voxel reaches liver + 20, but the rings'
+        // medians do reach liver + 6. Without the rim, nothing beyond the core joins.
+        for rim_hu in [80.0, 60.0] {
+            let (mut m, ct) = study(
+                |x, y, z| {
+                    let d = r(x, y, z, 20.0, 20.0);
+                    (d <= 5.0).then_some(20.0).or((d <= 8.0).then_some(rim_hu))
+                },
+                |x, y, z| r(x, y, z, 20.0, 20.0) <= 4.0,
+            );
+            refine_tumour_extents(&mut m, &ct, 6.0);
+            let (rim, all) =
+                tumour_where(&m, |x, y, z| (6.5..=7.5).contains(&r(x, y, z, 20.0, 20.0)));
+            if rim_hu > 60.0 {
+                assert_eq!(rim, all, "the dim rim is tumour");
+            } else {
+                assert_eq!(rim, 0, "no rim, no ring");
+            }
+            let (outside, _) = tumour_where(&m, |x, y, z| r(x, y, z, 20.0, 20.0) > 9.5);
+            assert_eq!(outside, 0);
+        }
     }
 
     #[test]

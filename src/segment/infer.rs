@@ -125,6 +125,11 @@ pub struct InferOptions {
     /// (`lesions::contrast_z`); infinite: components below the seed always go.
     #[serde(default = "default_confirm_z")]
     pub tumour_confirm_z: f64,
+    /// A tumour component whose peak reaches the seed threshold becomes liver when its median
+    /// CT value lies less than this many standard deviations below liver of its shape
+    /// elsewhere in the study; 0: no such test.
+    #[serde(default = "default_sure_z")]
+    pub tumour_sure_z: f64,
     /// Post-processing: each tumour component is redrawn from the CT within this distance of
     /// the network's extent (`lesions::refine_tumour_extents`); 0: the network's extent.
     #[serde(default = "default_refine_mm")]
@@ -150,6 +155,7 @@ impl Default for InferOptions {
             tumour_threshold: None,
             tumour_seed_threshold: None,
             tumour_confirm_z: default_confirm_z(),
+            tumour_sure_z: default_sure_z(),
             tumour_refine_mm: default_refine_mm(),
             fp_neighbours: None,
         }
@@ -162,6 +168,10 @@ fn default_end_slice_share() -> f64 {
 
 fn default_confirm_z() -> f64 {
     3.5
+}
+
+fn default_sure_z() -> f64 {
+    2.0
 }
 
 fn default_refine_mm() -> f64 {
@@ -518,17 +528,21 @@ fn probability_at(maps: &ProbabilityMaps, c: usize, x: usize, y: usize, k: usize
     }
 }
 
-/// Turns tumour components (26-connected) whose peak tumour probability stays below `seed`
-/// into liver, unless the CT confirms them: a component whose median CT value lies at least
-/// `confirm_z` standard deviations below liver of its shape elsewhere in the study
-/// ([`lesions::contrast_z`]) stays (infinite: no confirmation). Returns the number of
-/// components changed.
-pub fn drop_weak_tumours(
+/// The CT's say on each tumour component (26-connected), whose median CT value is compared
+/// with those of copies of its shape in lesion-free liver of the same study
+/// ([`lesions::contrast_z`]): a component whose peak tumour probability stays below `seed`
+/// stays only when it lies at least `confirm_z` standard deviations below them (infinite: no
+/// such component stays); one whose peak reaches `seed` stays unless it lies less than
+/// `sure_z` below them (0: always stays) — the network is sure of it, but a lesion the CT does
+/// not show at all is not one. A component with no room for copies is judged by its peak
+/// alone. Returns the number of components turned into liver.
+pub fn confirm_tumours(
     maps: &ProbabilityMaps,
     ct: &CtVolume,
     mask: &mut LabelVolume,
     seed: f32,
     confirm_z: f64,
+    sure_z: f64,
 ) -> usize {
     let shape = mask.geometry().shape();
     let ny = shape[1];
@@ -545,13 +559,26 @@ pub fn drop_weak_tumours(
         }
     }
     let weak = |l: u32| l > 0 && peak[l as usize] < seed;
-    let z = if confirm_z.is_finite() {
-        lesions::contrast_z(mask, ct, &comps, weak)
-    } else {
-        vec![None; comps.count() + 1]
+    let judged = |l: u32| {
+        l > 0
+            && if weak(l) {
+                confirm_z.is_finite()
+            } else {
+                sure_z > 0.0
+            }
     };
+    let z = lesions::contrast_z(mask, ct, &comps, judged);
     let drop: Vec<bool> = (0..=comps.count() as u32)
-        .map(|l| weak(l) && !z[l as usize].is_some_and(|z| z >= confirm_z))
+        .map(|l| {
+            let z = z[l as usize];
+            if l == 0 {
+                false
+            } else if weak(l) {
+                !z.is_some_and(|z| z >= confirm_z)
+            } else {
+                sure_z > 0.0 && z.is_some_and(|z| z < sure_z)
+            }
+        })
         .collect();
     comps.fill(mask.labels_mut(), |l| drop[l as usize], label::LIVER);
     drop.iter().filter(|&&d| d).count()
@@ -600,15 +627,14 @@ pub fn mask_from(
     let mut mask = LabelVolume::new(ct.geometry().clone(), labels).expect("labels match the grid");
     lesions::keep_largest_liver(&mut mask);
     lesions::drop_tumour_outside_liver(&mut mask, opts.tumour_margin_mm);
-    if tumour_seed_threshold > tumour_threshold {
-        drop_weak_tumours(
-            maps,
-            ct,
-            &mut mask,
-            tumour_seed_threshold,
-            opts.tumour_confirm_z,
-        );
-    }
+    confirm_tumours(
+        maps,
+        ct,
+        &mut mask,
+        tumour_seed_threshold,
+        opts.tumour_confirm_z,
+        opts.tumour_sure_z,
+    );
     lesions::drop_end_slice_tumours(&mut mask, opts.max_end_slice_share);
     lesions::refine_tumour_extents(&mut mask, ct, opts.tumour_refine_mm);
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
@@ -671,21 +697,22 @@ mod tests {
         let mut strong = LabelVolume::new(g.clone(), labels).unwrap();
         let mut weak = strong.clone();
         assert_eq!(
-            drop_weak_tumours(&maps, &ct, &mut strong, 0.9, f64::INFINITY),
+            confirm_tumours(&maps, &ct, &mut strong, 0.9, f64::INFINITY, 0.0),
             1
         );
         let row: Vec<u8> = strong.labels()[..12].to_vec();
         assert_eq!(row, [1, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1]);
         // A seed both reach keeps both.
         assert_eq!(
-            drop_weak_tumours(&maps, &ct, &mut weak, 0.5, f64::INFINITY),
+            confirm_tumours(&maps, &ct, &mut weak, 0.5, f64::INFINITY, 0.0),
             0
         );
         assert_eq!(weak.labels().iter().filter(|&&v| v == 2).count(), 24);
     }
 
     #[test]
-    fn the_ct_keeps_a_weak_component_that_is_clearly_darker() {
+    fn the_ct_keeps_a_weak_component_that_is_clearly_darker_and_drops_a_sure_one_it_does_not_show()
+    {
         // A 40 × 40 × 4 liver of 60 ± 10 HU with two tumour components whose probability
         // peaks at 0.6 (below the seed of 0.9): one 30 HU darker than the liver, one not.
         let g = grid([40, 40, 4], [1.0, 1.0, 2.0]);
@@ -715,12 +742,19 @@ mod tests {
         let maps = maps(20, 20, 4, vec![0.6; 20 * 20 * 4]);
         let mut mask = LabelVolume::new(g.clone(), labels).unwrap();
         let mut unconfirmed = mask.clone();
-        assert_eq!(drop_weak_tumours(&maps, &ct, &mut mask, 0.9, 3.5), 1);
+        assert_eq!(confirm_tumours(&maps, &ct, &mut mask, 0.9, 3.5, 0.0), 1);
         assert!((0..g.len()).all(|i| (mask.labels()[i] == label::TUMOUR) == dark(i)));
         // Without confirmation both go.
+        let mut sure = unconfirmed.clone();
         assert_eq!(
-            drop_weak_tumours(&maps, &ct, &mut unconfirmed, 0.9, f64::INFINITY),
+            confirm_tumours(&maps, &ct, &mut unconfirmed, 0.9, f64::INFINITY, 0.0),
             2
         );
+        // Both sure of (peak above the seed): the one the CT does not show goes all the same,
+        // unless the test is off.
+        let mut sure_off = sure.clone();
+        assert_eq!(confirm_tumours(&maps, &ct, &mut sure, 0.5, 3.5, 2.0), 1);
+        assert!((0..g.len()).all(|i| (sure.labels()[i] == label::TUMOUR) == dark(i)));
+        assert_eq!(confirm_tumours(&maps, &ct, &mut sure_off, 0.5, 3.5, 0.0), 0);
     }
 }
