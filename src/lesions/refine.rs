@@ -23,8 +23,8 @@ const MIN_CONTRAST_HU: f32 = 5.0;
 const THRESHOLD_FRACTION: f32 = 0.5;
 /// In-plane Gaussian smoothing of the CT before the threshold (σ, mm).
 const SMOOTH_MM: f64 = 1.4;
-/// A rim-enhancing lesion's rim: voxels within this distance (mm) of the dark core that are
-/// brighter than the shell's median by `RIM_HU`.
+/// A rim-enhancing lesion's rim: voxels within this distance (mm) of the dark core, in its
+/// slices, that are brighter than the shell's median by `RIM_HU`.
 const RIM_MM: f64 = 4.5;
 const RIM_HU: f32 = 20.0;
 /// … and rings around the core, one pixel wide, whose median is brighter than the shell's by
@@ -156,15 +156,16 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         if !core.iter().any(|&c| c) {
             continue;
         }
-        let d_core = squared_distance(&core, b.shape, spacing);
+        // Distances to the core within its slices: on thick slices a bright vessel in the
+        // slice above a lesion is no rim of it.
+        let d_core = squared_distance(&core, b.shape, [spacing[0], spacing[1], 1e6]);
         let rim_hu = liver_hu + RIM_HU;
         let mut new: Vec<bool> = (0..n)
             .map(|i| core[i] || (d_core[i] <= RIM_MM * RIM_MM && smooth[i] > rim_hu))
             .collect();
         let ring_mm = spacing[0].min(spacing[1]);
-        let d_core_in_plane = squared_distance(&core, b.shape, [spacing[0], spacing[1], 1e6]);
         let candidate = |i: usize| owned(i) && !core[i];
-        for i in bright_rings(&d_core_in_plane, &smooth, candidate, ring_mm, far_hu) {
+        for i in bright_rings(&d_core, &smooth, candidate, ring_mm, far_hu) {
             new[i] = true;
         }
         close_in_plane(&mut new, b.shape);
