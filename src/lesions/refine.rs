@@ -89,30 +89,18 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         });
         let in_plane = squared_distance(&this, b.shape, [spacing[0], spacing[1], 1e6]);
 
-        // The liver around the component, and the component itself.
-        let (s0, s1) = (SHELL_MM.0 * SHELL_MM.0, SHELL_MM.1 * SHELL_MM.1);
-        let mut shell: Vec<f32> = (0..n)
-            .filter(|&i| labels[i] == label::LIVER && in_plane[i] > s0 && in_plane[i] <= s1)
-            .map(|i| hu[i])
-            .collect();
-        if shell.len() < SHELL_MIN_VOXELS {
+        // The liver around the component (median CT of parenchyma in its slices between
+        // `mm.0` and `mm.1` from it; None with too few voxels), and the component itself.
+        let liver_median = |mm: (f64, f64)| {
+            let (r0, r1) = (mm.0 * mm.0, mm.1 * mm.1);
+            let mut shell: Vec<f32> = (0..n)
+                .filter(|&i| labels[i] == label::LIVER && in_plane[i] > r0 && in_plane[i] <= r1)
+                .map(|i| hu[i])
+                .collect();
+            (shell.len() >= SHELL_MIN_VOXELS).then(|| median(&mut shell))
+        };
+        let Some(liver_hu) = liver_median(SHELL_MM) else {
             continue;
-        }
-        let liver_hu = median(&mut shell);
-        // The rim of a rim-enhancing lesion can fill the near shell; the rings compare with
-        // liver beyond it.
-        let (f0, f1) = (
-            RIM_SHELL_MM.0 * RIM_SHELL_MM.0,
-            RIM_SHELL_MM.1 * RIM_SHELL_MM.1,
-        );
-        let mut far: Vec<f32> = (0..n)
-            .filter(|&i| labels[i] == label::LIVER && in_plane[i] > f0 && in_plane[i] <= f1)
-            .map(|i| hu[i])
-            .collect();
-        let far_hu = if far.len() < SHELL_MIN_VOXELS {
-            liver_hu
-        } else {
-            median(&mut far)
         };
         let mut own: Vec<f32> = (0..n).filter(|&i| this[i]).map(|i| hu[i]).collect();
         let lesion_hu = median(&mut own);
@@ -123,6 +111,9 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         let d_rival = squared_distance(&rival, b.shape, spacing);
         let threshold = lesion_hu + THRESHOLD_FRACTION * (liver_hu - lesion_hu);
         let sigma = [SMOOTH_MM / spacing[0], SMOOTH_MM / spacing[1], 0.0];
+        // The rim of a rim-enhancing lesion can fill the near shell; the rings compare with
+        // liver beyond it.
+        let far_hu = liver_median(RIM_SHELL_MM).unwrap_or(liver_hu);
         let smooth = gaussian_blur(hu, b.shape, sigma);
 
         // Inside the liver, and nearer to this component than to any other by more than one

@@ -559,25 +559,21 @@ pub fn confirm_tumours(
         }
     }
     let weak = |l: u32| l > 0 && peak[l as usize] < seed;
-    let judged = |l: u32| {
-        l > 0
-            && if weak(l) {
-                confirm_z.is_finite()
-            } else {
-                sure_z > 0.0
-            }
+    // The least z a component needs (None: not asked); an infinite one drops it unasked.
+    let needed = |l: u32| match (l > 0, weak(l)) {
+        (false, _) => None,
+        (true, true) => Some(confirm_z),
+        (true, false) => (sure_z > 0.0).then_some(sure_z),
     };
-    let z = lesions::contrast_z(mask, ct, &comps, judged);
+    let z = lesions::contrast_z(mask, ct, &comps, |l| {
+        needed(l).is_some_and(|n| n.is_finite())
+    });
     let drop: Vec<bool> = (0..=comps.count() as u32)
-        .map(|l| {
-            let z = z[l as usize];
-            if l == 0 {
-                false
-            } else if weak(l) {
-                !z.is_some_and(|z| z >= confirm_z)
-            } else {
-                sure_z > 0.0 && z.is_some_and(|z| z < sure_z)
-            }
+        .map(|l| match (needed(l), z[l as usize]) {
+            (None, _) => false,
+            // Weak: stays only where the CT confirms it; sure: goes only where it refutes it.
+            (Some(n), z) if weak(l) => !z.is_some_and(|z| z >= n),
+            (Some(n), z) => z.is_some_and(|z| z < n),
         })
         .collect();
     comps.fill(mask.labels_mut(), |l| drop[l as usize], label::LIVER);
