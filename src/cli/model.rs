@@ -213,6 +213,11 @@ pub struct InferArgs {
     /// (mm; 0: the network's extent).
     #[arg(long, default_value_t = InferOptions::default().tumour_refine_mm)]
     pub tumour_refine_mm: f64,
+    /// Small dark spots of the liver that the network left out (0.1–1 mL, at least 4.5 mm
+    /// inside the liver, denser than water) become tumour when the CT shows them this many
+    /// standard deviations darker than the liver around them (inf: never).
+    #[arg(long, default_value_t = InferOptions::default().tumour_detect_z)]
+    pub tumour_detect_z: f64,
     /// Last step: a tumour component becomes liver when its this many nearest components of
     /// the model's training studies were all false positives (default: the model card's
     /// number; 0: no filter).
@@ -260,6 +265,12 @@ impl InferArgs {
                 self.tumour_sure_z
             )));
         }
+        if self.tumour_detect_z.is_nan() || self.tumour_detect_z < 3.0 {
+            return Err(Failure::Other(anyhow::anyhow!(
+                "--tumour-detect-z {}: must be at least 3 (inf: never)",
+                self.tumour_detect_z
+            )));
+        }
         if let Some(k) = self.fp_neighbours
             && k > 50
         {
@@ -286,6 +297,7 @@ impl InferArgs {
             tumour_confirm_z: self.tumour_confirm_z,
             tumour_sure_z: self.tumour_sure_z,
             tumour_refine_mm: self.tumour_refine_mm,
+            tumour_detect_z: self.tumour_detect_z,
             fp_neighbours: self.fp_neighbours,
             ..InferOptions::default()
         })

@@ -4,11 +4,13 @@
 //! Definitions: `../shared/design/METRICS.md`. Pure functions, no I/O.
 
 mod components;
+mod detect;
 mod postprocess;
 mod refine;
 mod screen;
 
 pub use components::{Components, Connectivity, Run};
+pub use detect::find_missed_lesions;
 pub use postprocess::{
     contrast_z, drop_end_slice_tumours, drop_small_tumours, drop_tumour_outside_liver,
     keep_largest_liver, tumour_components,

@@ -134,6 +134,10 @@ pub struct InferOptions {
     /// the network's extent (`lesions::refine_tumour_extents`); 0: the network's extent.
     #[serde(default = "default_refine_mm")]
     pub tumour_refine_mm: f64,
+    /// Small dark spots of the liver the network left out become tumour when their peak
+    /// score reaches this (`lesions::find_missed_lesions`); infinite: no such search.
+    #[serde(default = "default_detect_z")]
+    pub tumour_detect_z: f64,
     /// Last step: tumour components whose this many nearest exemplars in the model card's
     /// false-positive filter are all false positives become liver; None: the card's number;
     /// 0: no filter.
@@ -157,6 +161,7 @@ impl Default for InferOptions {
             tumour_confirm_z: default_confirm_z(),
             tumour_sure_z: default_sure_z(),
             tumour_refine_mm: default_refine_mm(),
+            tumour_detect_z: default_detect_z(),
             fp_neighbours: None,
         }
     }
@@ -176,6 +181,10 @@ fn default_sure_z() -> f64 {
 
 fn default_refine_mm() -> f64 {
     6.0
+}
+
+fn default_detect_z() -> f64 {
+    5.0
 }
 
 /// Mirror images averaged into the probabilities (test-time augmentation).
@@ -632,6 +641,7 @@ pub fn mask_from(
         opts.tumour_sure_z,
     );
     lesions::drop_end_slice_tumours(&mut mask, opts.max_end_slice_share);
+    lesions::find_missed_lesions(&mut mask, ct, opts.tumour_detect_z);
     lesions::refine_tumour_extents(&mut mask, ct, opts.tumour_refine_mm);
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
     if let Some((f, k)) = filter {

@@ -288,6 +288,7 @@ fn training_writes_a_model_that_segments_with_the_input_geometry() {
         ("--tumour-refine-mm", "nan"),
         ("--tumour-confirm-z", "0"),
         ("--tumour-sure-z", "-1"),
+        ("--tumour-detect-z", "2"),
         ("--fp-neighbours", "51"),
     ] {
         let (code, err) = segment(&model, &[format!("{flag}={value}")]);
@@ -326,6 +327,8 @@ fn false_positives_go_by_the_ct_and_the_learned_filter_and_the_lesions_stay() {
     // and a patch of study 0's liver the CT shows no darker than the rest; its card's filter,
     // fitted on its 12 training studies, turns the gallbladders back into what they are, the
     // CT test on components the network is sure of the patch, and the lesion it found stays.
+    // Study 1's 0.27 mL lesion, which the network misses, the CT's search for small dark
+    // spots finds, and nothing else.
     let dir = tempdir();
     let data = dir.path().join("data");
     phantoms(&data, 2, "256x256x48", 777);
@@ -353,6 +356,12 @@ fn false_positives_go_by_the_ct_and_the_learned_filter_and_the_lesions_stay() {
     let (tp_off, fp_off, dice_off) = eval(&demo, &["--fp-neighbours", "0"]);
     let (tp, fp, dice) = eval(&demo, &[]);
     let (tp_unsure, fp_unsure, _) = eval(&demo, &["--tumour-sure-z", "0"]);
+    let (tp_unsearched, fp_unsearched, _) = eval(&demo, &["--tumour-detect-z", "inf"]);
+    assert_eq!(
+        (tp_unsearched + 1, fp_unsearched),
+        (tp, fp),
+        "lesions and false positives without and with the search for dark spots"
+    );
     assert_eq!(tp_unsure, tp, "a lesion was dropped");
     assert!(
         fp < fp_unsure,
