@@ -69,9 +69,7 @@ pub fn find_missed_lesions(mask: &mut LabelVolume, ct: &CtVolume, min_z: f64) ->
     if parenchyma.len() < MIN_SEARCH_VOXELS {
         return 0;
     }
-    let liver_hu = median(&mut parenchyma);
-    let mut dev: Vec<f32> = parenchyma.iter().map(|v| (v - liver_hu).abs()).collect();
-    let spread = 1.4826 * median(&mut dev);
+    let (liver_hu, spread) = median_and_spread(&mut parenchyma);
     drop(parenchyma);
     let (lo, hi) = (liver_hu - CLIP_LOW * spread, liver_hu + CLIP_HIGH * spread);
 
@@ -129,9 +127,7 @@ pub fn find_missed_lesions(mask: &mut LabelVolume, ct: &CtVolume, min_z: f64) ->
     if scores.len() < MIN_SEARCH_VOXELS {
         return 0;
     }
-    let centre = median(&mut scores);
-    let mut dev: Vec<f32> = scores.iter().map(|v| (v - centre).abs()).collect();
-    let sd = 1.4826 * median(&mut dev) as f64;
+    let sd = median_and_spread(&mut scores).1 as f64;
     drop(scores);
     if sd.is_nan() || sd <= 0.0 {
         return 0;
@@ -172,22 +168,30 @@ pub fn find_missed_lesions(mask: &mut LabelVolume, ct: &CtVolume, min_z: f64) ->
     added
 }
 
+/// The median of `values` and their robust standard deviation (1.4826 × the median absolute
+/// deviation: the standard deviation for normal values, unmoved by a minority of outliers).
+fn median_and_spread(values: &mut [f32]) -> (f32, f32) {
+    let centre = median(values);
+    let mut dev: Vec<f32> = values.iter().map(|v| (v - centre).abs()).collect();
+    (centre, 1.4826 * median(&mut dev))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::volume::Geometry;
 
-    /// A liver of 64 × 64 × 12 voxels (1 × 1 × 3 mm) inside a 72 × 72 × 12 volume of fat,
-    /// at 60 HU with deterministic noise of about 8 HU, and a dark spot of `radius_mm` at
-    /// `dark_hu` centred at (cx, 36, 6).
+    /// A liver of 64 × 64 × 12 voxels (1 × 1 × 2 mm; slices 2–13) inside a 72 × 72 × 16 volume
+    /// of fat, at 60 HU with deterministic noise of about 8 HU, and dark spots (centre in
+    /// voxels, radius in mm, HU) in it.
     fn study(spots: &[([f64; 3], f64, f32)]) -> (LabelVolume, CtVolume) {
-        let shape = [72, 72, 12];
+        let shape = [72, 72, 16];
         let axes = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
-        let g = Geometry::new(shape, [1.0, 1.0, 3.0], axes, [0.0; 3]).unwrap();
+        let g = Geometry::new(shape, [1.0, 1.0, 2.0], axes, [0.0; 3]).unwrap();
         let mut labels = vec![label::BACKGROUND; g.len()];
         let mut hu = vec![-90.0f32; g.len()];
         let mut state = 0x2545_f491_4f6c_dd1du64;
-        for z in 0..12 {
+        for z in 0..16 {
             for y in 0..72 {
                 for x in 0..72 {
                     let i = x + 72 * (y + 72 * z);
@@ -196,13 +200,13 @@ mod tests {
                     state ^= state >> 7;
                     state ^= state << 17;
                     let noise = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 28.0;
-                    if (4..68).contains(&x) && (4..68).contains(&y) {
+                    if (4..68).contains(&x) && (4..68).contains(&y) && (2..14).contains(&z) {
                         labels[i] = label::LIVER;
                         hu[i] = 60.0 + noise;
                         for &(c, r, dark) in spots {
                             let d2 = (x as f64 - c[0]).powi(2)
                                 + (y as f64 - c[1]).powi(2)
-                                + (3.0 * (z as f64 - c[2])).powi(2);
+                                + (2.0 * (z as f64 - c[2])).powi(2);
                             if d2 <= r * r {
                                 hu[i] = dark + noise;
                             }
@@ -236,7 +240,7 @@ mod tests {
             let (x, y, z) = (i % 72, (i / 72) % 72, i / (72 * 72));
             let d2 = (x as f64 - 30.0).powi(2)
                 + (y as f64 - 36.0).powi(2)
-                + (3.0 * (z as f64 - 6.0)).powi(2);
+                + (2.0 * (z as f64 - 6.0)).powi(2);
             assert!(d2 <= 36.0, "tumour at ({x}, {y}, {z}) is not the spot");
         }
         // Infinity turns the step off.
@@ -251,20 +255,26 @@ mod tests {
         let (mut mask, ct) = study(&[]);
         assert_eq!(find_missed_lesions(&mut mask, &ct, 5.0), 0);
         assert!(tumour_voxels(&mask).is_empty());
-        // A spot of 5 HU contrast, one of fluid density, a large dark region, one at the
-        // liver's edge: none is the small, clear, deep lesion looked for.
-        let (mut mask, ct) = study(&[
-            ([20.0, 20.0, 6.0], 4.0, 55.0),
-            ([50.0, 20.0, 6.0], 4.0, -5.0),
-            ([36.0, 50.0, 6.0], 9.0, 25.0),
-            ([5.0, 36.0, 6.0], 4.0, 25.0),
-        ]);
-        assert_eq!(find_missed_lesions(&mut mask, &ct, 5.0), 0);
+        // None of these is the small, clear, deep lesion looked for (the spot of the test
+        // above, changed in one respect each).
+        for (what, spot) in [
+            ("5 HU of contrast", ([30.0, 36.0, 6.0], 4.0, 55.0)),
+            ("fluid density", ([30.0, 36.0, 6.0], 4.0, -5.0)),
+            ("a large dark region", ([36.0, 36.0, 8.0], 9.0, 25.0)),
+            ("at the liver's edge", ([7.0, 36.0, 6.0], 5.0, 25.0)),
+            (
+                "4 mm from the liver's last slice",
+                ([36.0, 36.0, 3.0], 4.0, 25.0),
+            ),
+        ] {
+            let (mut mask, ct) = study(&[spot]);
+            assert_eq!(find_missed_lesions(&mut mask, &ct, 5.0), 0, "{what}");
+        }
         // A spot the network already marked (its voxels are tumour) gains no neighbour.
         let (mut mask, ct) = study(&[([30.0, 36.0, 6.0], 4.0, 25.0)]);
         for i in 0..mask.labels().len() {
             let (x, y, z) = (i % 72, (i / 72) % 72, i / (72 * 72));
-            if (28..=32).contains(&x) && (34..=38).contains(&y) && z == 6 {
+            if (28..=32).contains(&x) && (34..=38).contains(&y) && (5..=7).contains(&z) {
                 mask.labels_mut()[i] = label::TUMOUR;
             }
         }
