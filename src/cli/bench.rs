@@ -47,6 +47,16 @@ pub enum BenchCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Reassembly and post-processing of one study's probabilities (what calibration repeats
+    /// for every threshold pair), with and without the search for missed lesions.
+    Postprocess {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Rendering a full study report (HTML + every picture) from a CT and a mask.
     Report {
         #[arg(long)]
@@ -112,6 +122,14 @@ pub fn bench(args: BenchArgs, settings: &Settings) -> CmdResult {
     {
         return modes(model, input, *stride, device, settings);
     }
+    if let BenchCommand::Postprocess {
+        model,
+        input,
+        device,
+    } = &args.what
+    {
+        return postprocess(model, input, device, args.repeat, settings);
+    }
     if let BenchCommand::Queue(a) = &args.what {
         return super::bench_queue::run(a, settings);
     }
@@ -163,7 +181,10 @@ pub fn bench(args: BenchArgs, settings: &Settings) -> CmdResult {
         return Ok(());
     }
     let out = match args.what {
-        BenchCommand::Modes { .. } | BenchCommand::Queue(_) | BenchCommand::Report { .. } => {
+        BenchCommand::Modes { .. }
+        | BenchCommand::Postprocess { .. }
+        | BenchCommand::Queue(_)
+        | BenchCommand::Report { .. } => {
             unreachable!("handled above")
         }
         BenchCommand::Read { file } => {
@@ -223,6 +244,38 @@ pub fn bench(args: BenchArgs, settings: &Settings) -> CmdResult {
                    "runs_s": times, "assd": s.assd, "mssd": s.mssd, "hd95": s.hd95, "rmsd": s.rmsd})
         }
     };
+    println!("{out}");
+    Ok(())
+}
+
+fn postprocess(
+    model: &std::path::Path,
+    input: &std::path::Path,
+    device: &str,
+    repeat: usize,
+    settings: &Settings,
+) -> CmdResult {
+    use crate::segment::{self, Classifier, InferOptions, infer};
+    let device = segment::parse_device(device).map_err(|e| super::Failure::Other(e.into()))?;
+    let clf =
+        Classifier::load(model, device, false).map_err(|e| super::Failure::BadInput(e.into()))?;
+    let ct = CtVolume::read(input, &settings.read_limits).map_err(bad_input)?;
+    let opts = InferOptions::default();
+    let maps = infer::probabilities(&clf, &ct, &opts, device);
+    let (t, s) = (clf.tumour_threshold(), clf.tumour_seed_threshold());
+    let filter = clf.false_positive_filter(&opts);
+    let (full, with) = timed(repeat, || infer::mask_from(&maps, &ct, &opts, t, s, filter));
+    let no_search = InferOptions {
+        tumour_detect_z: f64::INFINITY,
+        ..opts.clone()
+    };
+    let (without, _) = timed(repeat, || {
+        infer::mask_from(&maps, &ct, &no_search, t, s, filter)
+    });
+    let tumour = with.labels().iter().filter(|&&v| v == 2).count();
+    let out = json!({"stage": "postprocess", "shape": ct.geometry().shape(),
+        "threads": rayon::current_num_threads(), "postprocess_s": median(full),
+        "without_search_s": median(without), "tumour_voxels": tumour});
     println!("{out}");
     Ok(())
 }

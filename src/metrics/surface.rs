@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use crate::volume::crop::bounding_box;
 use crate::volume::edt::squared_distance;
 
 /// Pooled surface-distance statistics (mm).
@@ -31,8 +32,8 @@ pub fn surface_distances<F>(
 where
     F: Fn(u8) -> bool + Sync,
 {
-    let bt = bbox(truth, shape, &is_in)?;
-    let bp = bbox(pred, shape, &is_in)?;
+    let bt = bounding_box(truth, shape, &is_in)?;
+    let bp = bounding_box(pred, shape, &is_in)?;
     let lo = [0, 1, 2].map(|t| bt.0[t].min(bp.0[t]));
     let hi = [0, 1, 2].map(|t| bt.1[t].max(bp.1[t]));
     let b = [hi[0] - lo[0] + 1, hi[1] - lo[1] + 1, hi[2] - lo[2] + 1];
@@ -102,38 +103,6 @@ pub fn percentile(d: &mut [f64], q: f64) -> f64 {
     }
     let b = rest.iter().cloned().fold(f64::INFINITY, f64::min);
     a + (b - a) * frac
-}
-
-type Bbox = ([usize; 3], [usize; 3]);
-
-fn bbox<F: Fn(u8) -> bool + Sync>(v: &[u8], shape: [usize; 3], is_in: &F) -> Option<Bbox> {
-    let [nx, ny, _] = shape;
-    let plane = nx * ny;
-    v.par_chunks(plane)
-        .enumerate()
-        .filter_map(|(k, sl)| {
-            let (mut lo, mut hi) = ([usize::MAX, usize::MAX, k], [0, 0, k]);
-            let mut any = false;
-            for j in 0..ny {
-                let row = &sl[j * nx..(j + 1) * nx];
-                let Some(first) = row.iter().position(|&x| is_in(x)) else {
-                    continue;
-                };
-                let last = row.iter().rposition(|&x| is_in(x)).expect("has one");
-                any = true;
-                lo[0] = lo[0].min(first);
-                hi[0] = hi[0].max(last);
-                lo[1] = lo[1].min(j);
-                hi[1] = j;
-            }
-            any.then_some((lo, hi))
-        })
-        .reduce_with(|a, b| {
-            (
-                [0, 1, 2].map(|t| a.0[t].min(b.0[t])),
-                [0, 1, 2].map(|t| a.1[t].max(b.1[t])),
-            )
-        })
 }
 
 /// mask XOR erosion(mask) with the 6-neighbourhood; outside the box is background.

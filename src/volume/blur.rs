@@ -2,12 +2,21 @@
 
 use rayon::prelude::*;
 
+/// How many voxels on each side of a voxel its blurred value reads (σ in voxels).
+pub fn kernel_radius(sigma: f64) -> usize {
+    if sigma < 0.25 {
+        0
+    } else {
+        (3.0 * sigma).ceil() as usize
+    }
+}
+
 /// Normalised Gaussian weights out to 3σ (σ in voxels); a single 1 below σ 0.25.
 fn kernel(sigma: f64) -> Vec<f32> {
     if sigma < 0.25 {
         return vec![1.0];
     }
-    let r = (3.0 * sigma).ceil() as i64;
+    let r = kernel_radius(sigma) as i64;
     let k: Vec<f64> = (-r..=r)
         .map(|x| (-(x * x) as f64 / (2.0 * sigma * sigma)).exp())
         .collect();

@@ -4,6 +4,7 @@
 //! Voxels are stored in NIfTI (Fortran) order: x fastest, then y, then z (the slice index).
 
 pub mod blur;
+pub mod crop;
 pub mod edt;
 mod geometry;
 pub mod nifti;
