@@ -11,7 +11,7 @@ use super::{CmdResult, Failure};
 use crate::config::Settings;
 use crate::metrics;
 use crate::segment::train::{self, TrainError, TrainOptions};
-use crate::segment::{self, Classifier, InferOptions, Mode, ModelError};
+use crate::segment::{self, Classifier, InferOptions, Mode, ModelError, calibrate};
 use crate::volume::{CtVolume, LabelVolume};
 
 fn model_failure(e: ModelError) -> Failure {
@@ -114,32 +114,53 @@ pub struct FitFilterArgs {
     /// LiTS-layout folder: the model's training studies.
     #[arg(long)]
     pub data: PathBuf,
+    /// Also choose the tumour and seed thresholds again and write them into the card: on the
+    /// studies the card records as held out from training when the folder holds them (found by
+    /// their sha256), else on every study of the folder.
+    #[arg(long)]
+    pub calibrate: bool,
     #[arg(long, default_value = "auto")]
     pub device: String,
 }
 
 /// Fits a model's false-positive filter on a LiTS-layout folder (the step `train` ends with)
-/// and writes it into the model's card; the weights stay as they are.
+/// and writes it into the model's card, with recalibrated thresholds when asked; the weights
+/// stay as they are.
 pub fn fit_filter(args: FitFilterArgs, settings: &Settings) -> CmdResult {
     let device = segment::parse_device(&args.device).map_err(model_failure)?;
     let clf = Classifier::load(&args.model, device, true).map_err(model_failure)?;
     let studies = train::lits_pairs(&args.data).map_err(|e| Failure::BadInput(e.into()))?;
     let opts = InferOptions::default();
-    let thresholds = (clf.tumour_threshold(), clf.tumour_seed_threshold());
-    let filter = train::fit_false_positive_filter(
+    let scope = if args.calibrate {
+        let held = held_out_studies(clf.card(), &studies)?;
+        if held.is_empty() {
+            calibrate::Scope::All
+        } else {
+            calibrate::Scope::HeldOut(held)
+        }
+    } else {
+        calibrate::Scope::Fixed(clf.tumour_threshold(), clf.tumour_seed_threshold())
+    };
+    let choosing = match &scope {
+        calibrate::Scope::HeldOut(ids) => ids.len(),
+        _ => studies.len(),
+    };
+    let cal = calibrate::calibrate(
         &clf,
         &studies,
         &[],
         &opts,
-        thresholds,
+        &scope,
         &settings.read_limits,
         device,
     )
-    .map_err(train_failure)?
-    .map_err(|why| {
+    .map_err(train_failure)?;
+    let filter = cal.filter.map_err(|why| {
         Failure::BadInput(anyhow::anyhow!(
-            "{}: no filter can be fitted: {why}",
-            args.data.display()
+            "{}: no filter can be fitted with tumour threshold {:.2} and seed threshold {:.2}: {why}; the card is unchanged",
+            args.data.display(),
+            cal.threshold,
+            cal.seed
         ))
     })?;
     let (n, lesions) = (
@@ -148,6 +169,20 @@ pub fn fit_filter(args: FitFilterArgs, settings: &Settings) -> CmdResult {
     );
     let mut card = clf.card().clone();
     card.false_positive_filter = Some(filter);
+    if let Some(dice) = cal.dice_per_case {
+        card.tumour_threshold = Some(cal.threshold);
+        card.tumour_seed_threshold = Some(cal.seed);
+        println!(
+            "tumour threshold {:.2}, seed threshold {:.2} (tumour Dice per case {dice:.3} on {choosing} {} studies)",
+            cal.threshold,
+            cal.seed,
+            if matches!(scope, calibrate::Scope::HeldOut(_)) {
+                "held-out"
+            } else {
+                "of the folder's"
+            }
+        );
+    }
     let path = card.write_to(&args.model).map_err(|e| {
         anyhow::anyhow!(
             "cannot write {}: {e}",
@@ -162,6 +197,35 @@ pub fn fit_filter(args: FitFilterArgs, settings: &Settings) -> CmdResult {
         path.display()
     );
     Ok(())
+}
+
+/// The ids of the studies of `studies` whose volume the card records as held out from training
+/// (by sha256).
+fn held_out_studies(
+    card: &segment::ModelCard,
+    studies: &[train::StudyFiles],
+) -> Result<Vec<String>, Failure> {
+    let held: Vec<&str> = card
+        .training
+        .as_ref()
+        .and_then(|t| t["data"].as_array())
+        .into_iter()
+        .flatten()
+        .filter(|d| d["split"] == "validation")
+        .filter_map(|d| d["volume_sha256"].as_str())
+        .collect();
+    let mut out = Vec::new();
+    if held.is_empty() {
+        return Ok(out);
+    }
+    for s in studies {
+        let sha = segment::sha256_file(&s.volume)
+            .map_err(|e| Failure::BadInput(anyhow::anyhow!("{}: {e}", s.volume.display())))?;
+        if held.contains(&sha.as_str()) {
+            out.push(s.id.clone());
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Args)]

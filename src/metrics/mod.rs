@@ -70,6 +70,11 @@ pub fn overlap(c: Counts) -> (f64, f64, f64, Option<f64>) {
     (dice, jaccard, 1.0 - jaccard, rvd)
 }
 
+/// Tumour voxel counts of a prediction against its reference (on the same grid).
+pub fn tumour_counts(truth: &LabelVolume, pred: &LabelVolume) -> Counts {
+    count(truth.labels(), pred.labels()).1
+}
+
 /// Voxel counts for (liver, tumour) in one pass.
 fn count(truth: &[u8], pred: &[u8]) -> (Counts, Counts) {
     truth

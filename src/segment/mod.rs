@@ -4,11 +4,13 @@
 //! - [`net`]: the network (valid convolutions, so patch and dense evaluation agree);
 //! - [`infer`]: input channels, dense and patch evaluation, reassembly on the study's grid;
 //! - [`train`]: training on LiTS-layout folders;
+//! - [`calibrate`]: the tumour thresholds and the false-positive filter, from a model's studies;
 //! - this file: the model on disk (`model.safetensors` or TorchScript `model.pt`, plus
 //!   `card.json`), loading with checks, and device selection.
 //!
 //! tch tensors are not `Sync`: a loaded [`Classifier`] stays on the thread that loaded it.
 
+pub mod calibrate;
 pub mod infer;
 pub mod net;
 pub mod train;

@@ -15,6 +15,7 @@ use std::time::Instant;
 use serde_json::json;
 use tch::{Device, Kind, Reduction, Tensor, nn, nn::OptimizerConfig};
 
+use super::calibrate;
 use super::infer::{self, InferOptions, InputSpec};
 use super::{Architecture, CARD_FILE, Classifier, ModelCard, ModelError, WEIGHTS_FILE};
 use crate::metrics;
@@ -151,6 +152,14 @@ pub struct StudyFiles {
 }
 
 impl StudyFiles {
+    /// Reads the CT and its reference, and checks that they share a grid.
+    pub fn read(&self, limits: &ReadLimits) -> Result<(CtVolume, LabelVolume), TrainError> {
+        let ct = CtVolume::read(&self.volume, limits)?;
+        let truth = LabelVolume::read(&self.truth, limits)?;
+        self.check_grid(&ct, &truth)?;
+        Ok((ct, truth))
+    }
+
     /// An error naming both files unless the reference lies on the CT's grid.
     fn check_grid(&self, ct: &CtVolume, truth: &LabelVolume) -> Result<(), TrainError> {
         if ct.geometry().same_grid(truth.geometry()) {
@@ -581,34 +590,34 @@ pub fn train(
         });
     }
     // Calibrate the tumour threshold (extent) and the seed threshold (a component's peak) on
-    // the held-out studies.
+    // the held-out studies; the last step against false positives learns from the components
+    // this model makes on all its studies.
     let maps: Vec<_> = val_set
         .iter()
         .map(|(_, ct, _)| infer::probabilities(&clf, ct, &infer_opts, opts.device))
         .collect();
-    let (threshold, seed, calibrated) = calibrate(&val_set, &maps, &infer_opts);
-    tracing::info!(
-        threshold,
-        seed,
-        dice = calibrated,
-        "tumour thresholds calibrated"
-    );
-    // The last step against false positives learns from the components this model makes on
-    // all its studies.
     let held: Vec<_> = val_set
         .iter()
         .zip(&maps)
         .map(|((id, ct, truth), m)| (id.as_str(), ct, truth, m))
         .collect();
-    let filter = match fit_false_positive_filter(
+    let cal = calibrate::calibrate(
         &clf,
         &studies,
         &held,
         &infer_opts,
-        (threshold, seed),
+        &calibrate::Scope::HeldOut(val_set.iter().map(|(id, _, _)| id.clone()).collect()),
         limits,
         opts.device,
-    )? {
+    )?;
+    let (threshold, seed) = (cal.threshold, cal.seed);
+    tracing::info!(
+        threshold,
+        seed,
+        dice = cal.dice_per_case,
+        "tumour thresholds calibrated"
+    );
+    let filter = match cal.filter {
         Ok(f) => {
             tracing::info!(
                 exemplars = f.exemplars.len(),
@@ -688,47 +697,6 @@ pub fn train(
     Ok(card)
 }
 
-/// A study already in memory with its probability maps: (id, CT, reference, maps).
-pub type LoadedStudy<'a> = (
-    &'a str,
-    &'a CtVolume,
-    &'a LabelVolume,
-    &'a infer::ProbabilityMaps,
-);
-
-/// The false-positive filter of `clf`: every study of `studies` segmented by it with the
-/// (tumour, seed) thresholds and no filter, each tumour component an exemplar labelled by the
-/// study's reference (`lesions::exemplars`). Studies in `loaded` (by id) are used as they are,
-/// the others read and run through the network. The inner error says why no filter could be
-/// fitted (too few components of a kind).
-pub fn fit_false_positive_filter(
-    clf: &Classifier,
-    studies: &[StudyFiles],
-    loaded: &[LoadedStudy],
-    infer_opts: &InferOptions,
-    (threshold, seed): (f32, f32),
-    limits: &ReadLimits,
-    device: Device,
-) -> Result<Result<crate::lesions::FalsePositiveFilter, String>, TrainError> {
-    let exemplars = |ct: &CtVolume, truth: &LabelVolume, maps: &infer::ProbabilityMaps| {
-        let pred = infer::mask_from(maps, ct, infer_opts, threshold, seed, None);
-        crate::lesions::exemplars(&pred, ct, truth)
-    };
-    let mut all = Vec::new();
-    for s in studies {
-        if let Some(&(_, ct, truth, maps)) = loaded.iter().find(|l| l.0 == s.id) {
-            all.extend(exemplars(ct, truth, maps));
-            continue;
-        }
-        let ct = CtVolume::read(&s.volume, limits)?;
-        let truth = LabelVolume::read(&s.truth, limits)?;
-        s.check_grid(&ct, &truth)?;
-        let maps = infer::probabilities(clf, &ct, infer_opts, device);
-        all.extend(exemplars(&ct, &truth, &maps));
-    }
-    Ok(crate::lesions::FalsePositiveFilter::fit(all, studies.len()))
-}
-
 /// The held-out studies: a quarter of them (at least one), taken in `order` — lesion-bearing
 /// studies first, so that calibration sees lesions, plus one lesion-free study when two or
 /// more are held out, so that it sees false positives too.
@@ -748,35 +716,6 @@ fn held_out(order: &[usize], has_lesion: &[bool]) -> Vec<usize> {
         }
     }
     out
-}
-
-/// The (tumour threshold, seed threshold) pair with the best tumour Dice per case on the
-/// held-out studies, and that Dice. Ties keep the lower thresholds (better recall).
-fn calibrate(
-    val_set: &[(String, CtVolume, LabelVolume)],
-    maps: &[infer::ProbabilityMaps],
-    opts: &InferOptions,
-) -> (f32, f32, f64) {
-    let mut best = (0.5f32, 0.5f32, f64::NEG_INFINITY);
-    for step in 0..=12 {
-        let t = 0.3 + 0.05 * step as f32;
-        let seeds = [0.8, 0.9, 0.95, 0.98].into_iter().filter(|&s| s > t);
-        for seed in std::iter::once(t).chain(seeds) {
-            let per: Vec<_> = val_set
-                .iter()
-                .zip(maps)
-                .map(|((_, ct, truth), m)| {
-                    let pred = infer::mask_from(m, ct, opts, t, seed, None);
-                    metrics::evaluate(truth, &pred).expect("same grid")
-                })
-                .collect();
-            let score = metrics::aggregate(&per).tumour.dice_per_case.unwrap_or(0.0);
-            if score > best.2 + 1e-9 {
-                best = (t, seed, score);
-            }
-        }
-    }
-    best
 }
 
 /// A batch of crops (B, C, crop, crop) and their patch-centre labels (B, n, n).
