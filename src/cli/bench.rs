@@ -248,6 +248,20 @@ pub fn bench(args: BenchArgs, settings: &Settings) -> CmdResult {
     Ok(())
 }
 
+/// The model (on the device named) and the CT a segmentation benchmark runs on.
+fn model_and_study(
+    model: &std::path::Path,
+    input: &std::path::Path,
+    device: &str,
+    settings: &Settings,
+) -> Result<(crate::segment::Classifier, CtVolume, tch::Device), Failure> {
+    use crate::segment::{self, Classifier};
+    let device = segment::parse_device(device).map_err(|e| Failure::Other(e.into()))?;
+    let clf = Classifier::load(model, device, false).map_err(|e| Failure::BadInput(e.into()))?;
+    let ct = CtVolume::read(input, &settings.read_limits).map_err(bad_input)?;
+    Ok((clf, ct, device))
+}
+
 fn postprocess(
     model: &std::path::Path,
     input: &std::path::Path,
@@ -255,11 +269,8 @@ fn postprocess(
     repeat: usize,
     settings: &Settings,
 ) -> CmdResult {
-    use crate::segment::{self, Classifier, InferOptions, infer};
-    let device = segment::parse_device(device).map_err(|e| super::Failure::Other(e.into()))?;
-    let clf =
-        Classifier::load(model, device, false).map_err(|e| super::Failure::BadInput(e.into()))?;
-    let ct = CtVolume::read(input, &settings.read_limits).map_err(bad_input)?;
+    use crate::segment::{InferOptions, infer};
+    let (clf, ct, device) = model_and_study(model, input, device, settings)?;
     let opts = InferOptions::default();
     let maps = infer::probabilities(&clf, &ct, &opts, device);
     let (t, s) = (clf.tumour_threshold(), clf.tumour_seed_threshold());
@@ -287,11 +298,8 @@ fn modes(
     device: &str,
     settings: &Settings,
 ) -> CmdResult {
-    use crate::segment::{self, Classifier, InferOptions, Mode, infer};
-    let device = segment::parse_device(device).map_err(|e| super::Failure::Other(e.into()))?;
-    let clf =
-        Classifier::load(model, device, false).map_err(|e| super::Failure::BadInput(e.into()))?;
-    let ct = CtVolume::read(input, &settings.read_limits).map_err(bad_input)?;
+    use crate::segment::{InferOptions, Mode, infer};
+    let (clf, ct, device) = model_and_study(model, input, device, settings)?;
     let run = |mode| {
         let opts = InferOptions {
             mode,
