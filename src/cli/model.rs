@@ -141,9 +141,9 @@ pub fn fit_filter(args: FitFilterArgs, settings: &Settings) -> CmdResult {
     } else {
         calibrate::Scope::Fixed(clf.tumour_threshold(), clf.tumour_seed_threshold())
     };
-    let choosing = match &scope {
-        calibrate::Scope::HeldOut(ids) => ids.len(),
-        _ => studies.len(),
+    let (choosing, which) = match &scope {
+        calibrate::Scope::HeldOut(ids) => (ids.len(), "held-out"),
+        _ => (studies.len(), "of the folder's"),
     };
     let cal = calibrate::calibrate(
         &clf,
@@ -173,14 +173,8 @@ pub fn fit_filter(args: FitFilterArgs, settings: &Settings) -> CmdResult {
         card.tumour_threshold = Some(cal.threshold);
         card.tumour_seed_threshold = Some(cal.seed);
         println!(
-            "tumour threshold {:.2}, seed threshold {:.2} (tumour Dice per case {dice:.3} on {choosing} {} studies)",
-            cal.threshold,
-            cal.seed,
-            if matches!(scope, calibrate::Scope::HeldOut(_)) {
-                "held-out"
-            } else {
-                "of the folder's"
-            }
+            "tumour threshold {:.2}, seed threshold {:.2} (tumour Dice per case {dice:.3} on {choosing} {which} studies)",
+            cal.threshold, cal.seed
         );
     }
     let path = card.write_to(&args.model).map_err(|e| {

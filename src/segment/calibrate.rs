@@ -152,18 +152,15 @@ pub fn calibrate(
             let mut scores = pass(&all, &[(t, s)])?;
             ((t, s), None, exemplars_of(&mut scores, 0))
         }
-        Scope::All => {
-            let pairs = threshold_pairs();
-            let mut scores = pass(&all, &pairs)?;
-            let (best, dice) = best_pair(&scores.iter().collect::<Vec<_>>(), pairs.len());
-            (pairs[best], Some(dice), exemplars_of(&mut scores, best))
-        }
-        Scope::HeldOut(ids) => {
-            let held: Vec<&StudyFiles> = all
-                .iter()
-                .copied()
-                .filter(|s| ids.contains(&s.id))
-                .collect();
+        Scope::All | Scope::HeldOut(_) => {
+            let held: Vec<&StudyFiles> = match scope {
+                Scope::HeldOut(ids) => all
+                    .iter()
+                    .copied()
+                    .filter(|s| ids.contains(&s.id))
+                    .collect(),
+                _ => all.clone(),
+            };
             if held.is_empty() {
                 return Err(TrainError::Data(
                     "none of the studies the thresholds are to be chosen on is there".into(),
@@ -172,7 +169,8 @@ pub fn calibrate(
             let pairs = threshold_pairs();
             let mut scores = pass(&held, &pairs)?;
             let (best, dice) = best_pair(&scores.iter().collect::<Vec<_>>(), pairs.len());
-            // Exemplars in the studies' order, as with the other scopes.
+            // Exemplars in the studies' order; the studies that did not choose are
+            // post-processed with the chosen pair alone.
             let mut exemplars = Vec::new();
             for s in &all {
                 match held.iter().position(|h| h.id == s.id) {
