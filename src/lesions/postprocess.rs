@@ -103,6 +103,34 @@ pub fn drop_small_tumours(mask: &mut LabelVolume, min_ml: f64) -> usize {
     small.iter().skip(1).filter(|&&s| s).count()
 }
 
+/// Median CT value (HU) below which a tumour component is fat, not a lesion: fat lies at
+/// −150…−50 HU, and a component whose median reaches below −30 HU is mostly fat (a fissure,
+/// the falciform ligament or fat beyond the liver's surface taken into the liver mask).
+pub const FAT_MEDIAN_HU: f32 = -30.0;
+
+/// Relabels as background every tumour component (26-connected) whose median CT value lies
+/// below [`FAT_MEDIAN_HU`]: fat inside the liver's outline is neither lesion nor parenchyma.
+/// Returns the number of components dropped.
+pub fn drop_fat_tumours(mask: &mut LabelVolume, ct: &CtVolume) -> usize {
+    if ct.geometry().shape() != mask.geometry().shape() {
+        return 0;
+    }
+    let comps = tumour_components(mask);
+    let mut values: Vec<Vec<f32>> = vec![Vec::new(); comps.count() + 1];
+    let nx = mask.geometry().shape()[0];
+    for (r, l) in comps.runs() {
+        let base = nx * r.row as usize;
+        values[l as usize].extend(&ct.hu()[base + r.start as usize..base + r.end as usize]);
+    }
+    let fat: Vec<bool> = values
+        .iter_mut()
+        .enumerate()
+        .map(|(l, v)| l > 0 && !v.is_empty() && median(v) < FAT_MEDIAN_HU)
+        .collect();
+    comps.fill(mask.labels_mut(), |l| fat[l as usize], label::BACKGROUND);
+    fat.iter().filter(|&&f| f).count()
+}
+
 /// Relabels as liver every tumour component (26-connected) of which more than `max_share` of
 /// the voxels lie where the liver ends along z: the slice above or below is background there.
 /// On thick slices the last slice of the dome or of the tip averages liver with the fat beyond
@@ -378,6 +406,32 @@ mod tests {
         assert_eq!(drop_small_tumours(&mut m, 0.005), 1);
         assert_eq!(m.labels()[1], 1);
         assert_eq!(m.labels()[5], 2);
+    }
+
+    #[test]
+    fn a_fat_dense_component_is_no_lesion_and_a_cyst_dense_one_stays() {
+        // Three tumour components of 3 voxels in liver at 60 HU: fat (-80 HU), fat partly
+        // volumed with liver (median -20 HU, above the fat line) and a cyst (5 HU).
+        let mut m = mask([15, 1, 1], |i, _, _| match i {
+            1..=3 | 6..=8 | 11..=13 => 2,
+            _ => 1,
+        });
+        let hu: Vec<f32> = (0..15)
+            .map(|i| match i {
+                1..=3 => -80.0,
+                6 => -90.0,
+                7 => -20.0,
+                8 => 40.0,
+                11..=13 => 5.0,
+                _ => 60.0,
+            })
+            .collect();
+        let ct = CtVolume::new(m.geometry().clone(), hu).unwrap();
+        assert_eq!(drop_fat_tumours(&mut m, &ct), 1);
+        assert!(m.labels()[1..=3].iter().all(|&v| v == label::BACKGROUND));
+        assert!(m.labels()[6..=8].iter().all(|&v| v == label::TUMOUR));
+        assert!(m.labels()[11..=13].iter().all(|&v| v == label::TUMOUR));
+        assert_eq!(m.labels()[0], label::LIVER);
     }
 
     #[test]

@@ -643,6 +643,7 @@ pub fn mask_from(
     lesions::drop_end_slice_tumours(&mut mask, opts.max_end_slice_share);
     lesions::find_missed_lesions(&mut mask, ct, opts.tumour_detect_z);
     lesions::refine_tumour_extents(&mut mask, ct, opts.tumour_refine_mm);
+    lesions::drop_fat_tumours(&mut mask, ct);
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
     if let Some((f, k)) = filter {
         lesions::drop_false_positives(&mut mask, ct, f, k);
