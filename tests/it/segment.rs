@@ -468,3 +468,30 @@ fn false_positives_go_by_the_ct_and_the_learned_filter_and_the_lesions_stay() {
         stderr(&o)
     );
 }
+
+#[test]
+fn fat_the_network_calls_tumour_is_no_lesion() {
+    // Seed 4242's lesion-free study: the demo network calls a speck of fat at the liver's
+    // surface tumour, and the extent refinement used to grow it into the fat around it (a
+    // 0.45 mL lesion of median -56 HU, and a Dice of 0 for the study). Fat is no lesion.
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let o = hepaflow()
+        .args(["phantom", "--count", "1", "--first", "7", "--seed", "4242"])
+        .args(["--shape", "256x256x48", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = json_of(
+        hepaflow()
+            .args(["eval", "--json", "--device", "cpu", "--model"])
+            .arg(root().join("models/demo"))
+            .arg("--data")
+            .arg(&data),
+    );
+    let study = &j["studies"][0]["metrics"];
+    assert_eq!(study["tumour"]["truth_ml"].as_f64(), Some(0.0));
+    assert_eq!(study["tumour"]["pred_ml"].as_f64(), Some(0.0), "{study}");
+    assert!(study["liver"]["dice"].as_f64().unwrap() > 0.95, "{study}");
+}
