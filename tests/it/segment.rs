@@ -157,7 +157,18 @@ fn training_writes_a_model_that_segments_with_the_input_geometry() {
         card["architecture"]["widths"],
         serde_json::json!([4, 8, 16, 32, 32])
     );
-    assert_eq!(card["validation"].as_array().unwrap().len(), 2);
+    // Every epoch records its loss and accuracy; the held-out studies are segmented in the
+    // last third (the lower learning rate), where the best epoch is chosen.
+    let epochs = card["validation"].as_array().unwrap();
+    assert_eq!(epochs.len(), 2);
+    assert!(
+        epochs
+            .iter()
+            .all(|e| e["loss"].is_f64() && e["accuracy"].is_f64())
+    );
+    assert!(epochs[0].get("validation_dice_tumour").is_none());
+    assert!(epochs[1]["validation_dice_liver"].is_f64());
+    assert_eq!(card["training"]["best_epoch"], 2);
     let data_rows = card["training"]["data"].as_array().unwrap();
     assert_eq!(data_rows.len(), 3);
     // A quarter of the studies (at least one) is held out.
