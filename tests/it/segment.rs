@@ -29,6 +29,17 @@ fn phantoms(dir: &Path, count: u32, shape: &str, seed: u32) {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// `hepaflow eval --json` of the demo model on a LiTS-layout folder.
+fn demo_eval(data: &Path) -> serde_json::Value {
+    json_of(
+        hepaflow()
+            .args(["eval", "--json", "--device", "cpu", "--model"])
+            .arg(root().join("models/demo"))
+            .arg("--data")
+            .arg(data),
+    )
+}
+
 #[test]
 fn dense_and_patch_modes_agree_on_every_patch() {
     // Random weights exercise the same arithmetic as trained ones; one model works at its own
@@ -357,13 +368,7 @@ fn the_demo_model_segments_studies_of_any_pixel_size() {
     for (shape, seed) in [("384x384x12", 61), ("128x128x12", 62)] {
         let data = dir.path().join(shape);
         phantoms(&data, 2, shape, seed);
-        let j = json_of(
-            hepaflow()
-                .args(["eval", "--json", "--device", "cpu", "--model"])
-                .arg(root().join("models/demo"))
-                .arg("--data")
-                .arg(&data),
-        );
+        let j = demo_eval(&data);
         for s in j["studies"].as_array().unwrap() {
             let dice = s["metrics"]["liver"]["dice"].as_f64().unwrap();
             assert!(dice >= 0.9, "{shape}: liver Dice {dice}");
@@ -494,14 +499,7 @@ fn fat_the_network_calls_tumour_is_no_lesion() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let j = json_of(
-        hepaflow()
-            .args(["eval", "--json", "--device", "cpu", "--model"])
-            .arg(root().join("models/demo"))
-            .arg("--data")
-            .arg(&data),
-    );
-    let study = &j["studies"][0]["metrics"];
+    let study = &demo_eval(&data)["studies"][0]["metrics"];
     assert_eq!(study["tumour"]["truth_ml"].as_f64(), Some(0.0));
     assert_eq!(study["tumour"]["pred_ml"].as_f64(), Some(0.0), "{study}");
     assert!(study["liver"]["dice"].as_f64().unwrap() > 0.95, "{study}");
