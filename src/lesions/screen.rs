@@ -61,7 +61,9 @@ pub struct FalsePositiveFilter {
 impl FalsePositiveFilter {
     /// A filter from exemplars, with the (neighbours, radius) of [`NEIGHBOURS`] × [`RADII`]
     /// under which, each exemplar left out in turn and judged by the others, the most false
-    /// positives and no lesion go (ties: more neighbours, then the smaller radius). An error
+    /// positives and no lesion go (ties: more neighbours, then the wider radius — the farthest
+    /// reach the exemplars show to be safe, so a false positive that recurs a little apart from
+    /// its training examples still goes). An error
     /// when there are fewer than [`MIN_EXEMPLARS`] lesions or false positives (nothing to
     /// tell apart) or no setting removes a false positive without a lesion.
     pub fn fit(exemplars: Vec<Exemplar>, studies: usize) -> Result<Self, String> {
@@ -98,7 +100,12 @@ impl FalsePositiveFilter {
         for &k in NEIGHBOURS.iter().rev() {
             for &r in &RADII {
                 let (removed_fp, removed_lesion) = f.leave_one_out(k, r);
-                if removed_lesion == 0 && removed_fp > best.map_or(0, |b| b.0) {
+                // Radii rise: a tie with the same neighbours takes the wider radius.
+                let better = match best {
+                    None => removed_fp > 0,
+                    Some((fp, bk, _)) => removed_fp > fp || (removed_fp == fp && k == bk),
+                };
+                if removed_lesion == 0 && better {
                     best = Some((removed_fp, k, r));
                 }
             }
@@ -387,8 +394,8 @@ mod tests {
         )
         .unwrap();
         // Left out in turn, each false positive has two false positives nearest, close by; a
-        // third neighbour would be a lesion.
-        assert_eq!((filter.neighbours, filter.radius), (2, RADII[0]));
+        // third neighbour would be a lesion. Every radius spares the lesions: the widest.
+        assert_eq!((filter.neighbours, filter.radius), (2, RADII[5]));
         let (mut mask, ct) = study();
         let before = mask.clone();
         assert_eq!(drop_false_positives(&mut mask, &ct, &filter, 2), 1);
@@ -414,6 +421,28 @@ mod tests {
         // Neighbours 0 changes nothing.
         let mut off = before.clone();
         assert_eq!(drop_false_positives(&mut off, &ct, &filter, 0), 0);
+    }
+
+    #[test]
+    fn the_widest_radius_that_spares_every_lesion_is_taken() {
+        // A lesion at x −5 beside the false positives: left out, its two nearest exemplars are
+        // false positives 0.77 and 0.84 standard deviations away, so radii up to 0.75 remove
+        // the three false positives and spare it; from 1.0 on it would go too.
+        let fit = |lesion_x: f64| {
+            let set = [
+                (-17.0, false),
+                (-16.0, false),
+                (-15.0, false),
+                (lesion_x, true),
+            ];
+            let more = [(10.0, true), (12.0, true), (14.0, true)];
+            let all = set.iter().chain(&more).map(|&(x, l)| ex(x, l)).collect();
+            let f = FalsePositiveFilter::fit(all, 4).unwrap();
+            (f.neighbours, f.radius)
+        };
+        assert_eq!(fit(-5.0), (2, 0.75));
+        // Nearer still, only the narrowest radius spares it.
+        assert_eq!(fit(-8.0), (2, 0.5));
     }
 
     #[test]
