@@ -194,6 +194,18 @@ impl Components {
         }
         out
     }
+    /// The values of `volume` (on the grid the components were found in) under each component,
+    /// in linear order; index 0 is unused.
+    pub fn values<T: Copy>(&self, volume: &[T]) -> Vec<Vec<T>> {
+        let nx = self.shape[0];
+        let mut out = vec![Vec::new(); self.count + 1];
+        for (r, l) in self.runs() {
+            let base = r.row as usize * nx;
+            out[l as usize]
+                .extend_from_slice(&volume[base + r.start as usize..base + r.end as usize]);
+        }
+        out
+    }
     /// Linear index of each component's first voxel; index 0 is unused.
     pub fn first_voxels(&self) -> Vec<usize> {
         let nx = self.shape[0];

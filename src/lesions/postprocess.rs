@@ -116,13 +116,8 @@ pub fn drop_fat_tumours(mask: &mut LabelVolume, ct: &CtVolume) -> usize {
         return 0;
     }
     let comps = tumour_components(mask);
-    let mut values: Vec<Vec<f32>> = vec![Vec::new(); comps.count() + 1];
-    let nx = mask.geometry().shape()[0];
-    for (r, l) in comps.runs() {
-        let base = nx * r.row as usize;
-        values[l as usize].extend(&ct.hu()[base + r.start as usize..base + r.end as usize]);
-    }
-    let fat: Vec<bool> = values
+    let fat: Vec<bool> = comps
+        .values(ct.hu())
         .iter_mut()
         .enumerate()
         .map(|(l, v)| l > 0 && !v.is_empty() && median(v) < FAT_MEDIAN_HU)

@@ -234,18 +234,16 @@ pub fn component_features(mask: &LabelVolume, ct: &CtVolume, comps: &Components)
     let liver = g.voxel_to_world(sum.map(|s| s / n as f64));
     let hu = ct.hu();
     let mut sums = vec![[0f64; 3]; comps.count() + 1];
-    let mut values: Vec<Vec<f32>> = vec![Vec::new(); comps.count() + 1];
     for (r, l) in comps.runs() {
         let (y, z) = (r.row as usize % ny, r.row as usize / ny);
-        let base = r.row as usize * nx;
         let s = &mut sums[l as usize];
         for x in r.start as usize..r.end as usize {
             s[0] += x as f64;
             s[1] += y as f64;
             s[2] += z as f64;
         }
-        values[l as usize].extend_from_slice(&hu[base + r.start as usize..base + r.end as usize]);
     }
+    let mut values = comps.values(hu);
     for l in 1..=comps.count() {
         let v = &mut values[l];
         let m = v.len() as f64;

@@ -545,32 +545,36 @@ pub fn train(
         let loss = loss_sum / opts.steps_per_epoch as f64;
         let accuracy = correct as f64 / total.max(1) as f64;
         let mut record = json!({"epoch": epoch, "loss": loss, "accuracy": accuracy});
-        if !low_lr {
-            record["elapsed_s"] = json!(t0.elapsed().as_secs_f64());
-            eprintln!(
-                "epoch {epoch}/{}: loss {loss:.4}  accuracy {accuracy:.3}",
-                opts.epochs
-            );
-            history.push(record);
-            continue;
-        }
-        // Validation: segment the held-out studies.
-        let mut per_study = Vec::new();
-        for (_, ct, truth) in &val_set {
-            let pred = infer::segment(&clf, ct, &infer_opts, opts.device);
-            per_study.push(metrics::evaluate(truth, &pred).expect("same grid"));
-        }
-        let summary = metrics::aggregate(&per_study);
-        let dl = summary.liver.dice_per_case.unwrap_or(0.0);
-        let dt = summary.tumour.dice_per_case.unwrap_or(0.0);
-        record["validation_dice_liver"] = json!(dl);
-        record["validation_dice_tumour"] = json!(dt);
-        record["elapsed_s"] = json!(t0.elapsed().as_secs_f64());
-        eprintln!(
-            "epoch {epoch}/{}: loss {loss:.4}  accuracy {accuracy:.3}  validation Dice liver {dl:.3} tumour {dt:.3}",
+        // Validation: segment the held-out studies (liver and tumour Dice per case).
+        let validation = low_lr.then(|| {
+            let per_study: Vec<_> = val_set
+                .iter()
+                .map(|(_, ct, truth)| {
+                    let pred = infer::segment(&clf, ct, &infer_opts, opts.device);
+                    metrics::evaluate(truth, &pred).expect("same grid")
+                })
+                .collect();
+            let summary = metrics::aggregate(&per_study);
+            (
+                summary.liver.dice_per_case.unwrap_or(0.0),
+                summary.tumour.dice_per_case.unwrap_or(0.0),
+            )
+        });
+        let mut line = format!(
+            "epoch {epoch}/{}: loss {loss:.4}  accuracy {accuracy:.3}",
             opts.epochs
         );
+        if let Some((dl, dt)) = validation {
+            record["validation_dice_liver"] = json!(dl);
+            record["validation_dice_tumour"] = json!(dt);
+            line += &format!("  validation Dice liver {dl:.3} tumour {dt:.3}");
+        }
+        record["elapsed_s"] = json!(t0.elapsed().as_secs_f64());
+        eprintln!("{line}");
         history.push(record);
+        let Some((dl, dt)) = validation else {
+            continue;
+        };
         let score = dl + dt;
         if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
             let vars = clf
