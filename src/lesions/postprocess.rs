@@ -103,10 +103,12 @@ pub fn drop_small_tumours(mask: &mut LabelVolume, min_ml: f64) -> usize {
     small.iter().skip(1).filter(|&&s| s).count()
 }
 
-/// Median CT value (HU) below which a tumour component is fat, not a lesion: fat lies at
-/// −150…−50 HU, and a component whose median reaches below −30 HU is mostly fat (a fissure,
-/// the falciform ligament or fat beyond the liver's surface taken into the liver mask).
-pub const FAT_MEDIAN_HU: f32 = -30.0;
+/// Median CT value (HU) below which a tumour component is fat, not a lesion: every lesion,
+/// cysts included, is at least as dense as water (0 HU), while fat lies at −150…−50 HU; a
+/// component whose median lies below water is fat or mostly so (a fissure, the falciform
+/// ligament, fat beyond the liver's surface taken into the liver mask, or a speck of noise
+/// at such a border).
+pub const FAT_MEDIAN_HU: f32 = 0.0;
 
 /// Relabels as background every tumour component (26-connected) whose median CT value lies
 /// below [`FAT_MEDIAN_HU`]: fat inside the liver's outline is neither lesion nor parenchyma.
@@ -405,27 +407,32 @@ mod tests {
 
     #[test]
     fn a_fat_dense_component_is_no_lesion_and_a_cyst_dense_one_stays() {
-        // Three tumour components of 3 voxels in liver at 60 HU: fat (-80 HU), fat partly
-        // volumed with liver (median -20 HU, above the fat line) and a cyst (5 HU).
-        let mut m = mask([15, 1, 1], |i, _, _| match i {
-            1..=3 | 6..=8 | 11..=13 => 2,
+        // Four tumour components of 3 voxels in liver at 60 HU: fat (-80 HU), fat partly
+        // volumed with liver (median -20 HU: mostly fat), a lesion at the fat's border (one
+        // voxel of fat, median 25 HU) and a cyst (5 HU).
+        let mut m = mask([20, 1, 1], |i, _, _| match i {
+            1..=3 | 6..=8 | 11..=13 | 16..=18 => 2,
             _ => 1,
         });
-        let hu: Vec<f32> = (0..15)
+        let hu: Vec<f32> = (0..20)
             .map(|i| match i {
                 1..=3 => -80.0,
                 6 => -90.0,
                 7 => -20.0,
                 8 => 40.0,
-                11..=13 => 5.0,
+                11 => -90.0,
+                12 => 25.0,
+                13 => 30.0,
+                16..=18 => 5.0,
                 _ => 60.0,
             })
             .collect();
         let ct = CtVolume::new(m.geometry().clone(), hu).unwrap();
-        assert_eq!(drop_fat_tumours(&mut m, &ct), 1);
+        assert_eq!(drop_fat_tumours(&mut m, &ct), 2);
         assert!(m.labels()[1..=3].iter().all(|&v| v == label::BACKGROUND));
-        assert!(m.labels()[6..=8].iter().all(|&v| v == label::TUMOUR));
+        assert!(m.labels()[6..=8].iter().all(|&v| v == label::BACKGROUND));
         assert!(m.labels()[11..=13].iter().all(|&v| v == label::TUMOUR));
+        assert!(m.labels()[16..=18].iter().all(|&v| v == label::TUMOUR));
         assert_eq!(m.labels()[0], label::LIVER);
     }
 

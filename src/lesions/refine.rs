@@ -123,8 +123,15 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
                 && (this[i] || d_this[i].sqrt() + diagonal < d_rival[i].sqrt())
         };
         let grow2 = grow_mm * grow_mm;
+        let dark: Vec<bool> = (0..n)
+            .map(|i| owned(i) && d_this[i] <= grow2 && smooth[i] < threshold)
+            .collect();
+        // Beyond the network's extent, only what an in-plane 3 × 3 opening keeps: a faint
+        // lesion's threshold cuts through the liver's noise, and the specks and one-pixel
+        // threads of liver below it would otherwise join the lesion.
+        let opened = square_filter(&square_filter(&dark, b.shape, false), b.shape, true);
         let dark: Vec<u8> = (0..n)
-            .map(|i| u8::from(owned(i) && d_this[i] <= grow2 && smooth[i] < threshold))
+            .map(|i| u8::from(dark[i] && (this[i] || opened[i])))
             .collect();
         let parts = Components::label(&dark, b.shape, |v| v == 1, Connectivity::TwentySix);
         let part = parts.label_volume();
@@ -387,6 +394,36 @@ mod tests {
         refine_tumour_extents(&mut m2, &ct2, 2.0);
         let (beyond, _) = tumour_where(&m2, |x, y, z| r(x, y, z, 20.0, 20.0) > 5.5);
         assert_eq!(beyond, 0);
+    }
+
+    #[test]
+    fn threads_of_liver_below_the_threshold_do_not_join() {
+        // A 40 HU disc of radius 5 (network: radius 3) with a one-pixel thread of 20 HU from
+        // its edge along +x (x 26..=29, y 20): smoothed, the thread's middle lies below the
+        // threshold halfway to the 60 HU liver (its sides do not), but it is no lesion; an arm
+        // three pixels wide is.
+        for half_width in [0usize, 1] {
+            let thread = move |x: usize, y: usize, z: usize| {
+                (1..=3).contains(&z) && (26..=29).contains(&x) && y.abs_diff(20) <= half_width
+            };
+            let (mut m, ct) = study(
+                |x, y, z| {
+                    (r(x, y, z, 20.0, 20.0) <= 5.0)
+                        .then_some(40.0)
+                        .or(thread(x, y, z).then_some(20.0))
+                },
+                |x, y, z| r(x, y, z, 20.0, 20.0) <= 3.0,
+            );
+            refine_tumour_extents(&mut m, &ct, 10.0);
+            let (disc, all) = tumour_where(&m, |x, y, z| r(x, y, z, 20.0, 20.0) <= 4.0);
+            assert_eq!(disc, all, "the disc is tumour");
+            let (on_thread, all) = tumour_where(&m, |x, y, z| thread(x, y, z) && x >= 27);
+            if half_width == 0 {
+                assert_eq!(on_thread, 0, "a one-pixel thread stays liver");
+            } else {
+                assert_eq!(on_thread, all, "a wider dark arm joins");
+            }
+        }
     }
 
     #[test]
