@@ -43,7 +43,8 @@ const CORE_MIN_MM3: f64 = 300.0;
 /// Redraws each tumour component (26-connected) within `grow_mm` of where the network put it,
 /// from the CT: the component's median CT value and the median of the liver around it
 /// (`SHELL_MM`) set a threshold halfway between them; the voxels of the smoothed CT darker
-/// than that, connected to the part of the component that is, become the lesion's core, and
+/// than that (beyond the component itself, only those an in-plane 3 × 3 opening of them
+/// keeps), connected to the part of the component that is, become the lesion's core, and
 /// voxels next to that core brighter than the liver by `RIM_HU` its rim (rim-enhancing
 /// lesions). A component's voxels outside the new extent become liver. Tumour only ever
 /// takes liver (label 1) voxels, so it stays inside the liver; each component grows only
