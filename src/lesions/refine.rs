@@ -34,6 +34,9 @@ const RIM_RING_MIN_VOXELS: usize = 8;
 /// The liver the rings are compared with: parenchyma in the component's slices this far from
 /// it in-plane (mm), beyond any rim.
 const RIM_SHELL_MM: (f64, f64) = (8.0, 14.0);
+/// Radius (mm) of the in-plane disc that closes each redrawn lesion: two pixels of a typical
+/// abdominal CT.
+const CLOSE_MM: f64 = 3.6;
 /// A dark part joins the core when its overlap with the component is at least 1/this of the
 /// largest part's.
 const CORE_SHARE_DIVISOR: usize = 4;
@@ -46,7 +49,8 @@ const CORE_MIN_MM3: f64 = 300.0;
 /// than that (beyond the component itself, only those an in-plane 3 × 3 opening of them
 /// keeps), connected to the part of the component that is, become the lesion's core, and
 /// voxels next to that core brighter than the liver by `RIM_HU` its rim (rim-enhancing
-/// lesions). A component's voxels outside the new extent become liver. Tumour only ever
+/// lesions); that extent is closed in-plane with a disc of `CLOSE_MM` and the liver it
+/// encloses in a slice joins it. A component's voxels outside the new extent become liver. Tumour only ever
 /// takes liver (label 1) voxels, so it stays inside the liver; each component grows only
 /// into voxels nearer to it than to any other component (by a voxel diagonal), so
 /// neighbours never merge by growing. Components with no shell, too little contrast
@@ -167,7 +171,9 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         for i in bright_rings(&d_core, &smooth, candidate, ring_mm, far_hu) {
             new[i] = true;
         }
-        close_in_plane(&mut new, b.shape);
+        // A lesion is solid: its notches and the liver it encloses in a slice are its own.
+        close_in_plane(&mut new, b.shape, spacing);
+        fill_holes_in_plane(&mut new, b.shape);
         for (i, v) in new.iter_mut().enumerate() {
             *v = *v && owned(i);
         }
@@ -275,13 +281,65 @@ impl Box3 {
     }
 }
 
-/// Morphological closing with the 3 × 3 in-plane square, added to the mask (a closing never
-/// removes a voxel): fills one-voxel gaps between core and rim.
-fn close_in_plane(mask: &mut [bool], shape: [usize; 3]) {
-    let dilated = square_filter(mask, shape, true);
-    let closed = square_filter(&dilated, shape, false);
-    for (m, c) in mask.iter_mut().zip(closed) {
-        *m = *m || c;
+/// Morphological closing with an in-plane disc of radius `CLOSE_MM`, added to the mask (a
+/// closing never removes a voxel): fills the gaps between core and rim and the notches that
+/// noise cuts into a faint lesion's outline.
+fn close_in_plane(mask: &mut [bool], shape: [usize; 3], spacing: [f64; 3]) {
+    let plane = [spacing[0], spacing[1], 1e6];
+    let r2 = CLOSE_MM * CLOSE_MM;
+    let dilated: Vec<bool> = squared_distance(mask, shape, plane)
+        .into_iter()
+        .map(|d| d <= r2)
+        .collect();
+    let outside: Vec<bool> = dilated.iter().map(|&d| !d).collect();
+    let to_outside = squared_distance(&outside, shape, plane);
+    for (m, d) in mask.iter_mut().zip(to_outside) {
+        *m = *m || d > r2;
+    }
+}
+
+/// Fills, slice by slice, the holes of the mask: unset voxels that 4-connected unset voxels
+/// do not link to the slice's border.
+fn fill_holes_in_plane(mask: &mut [bool], shape: [usize; 3]) {
+    let [nx, ny, nz] = shape;
+    let plane = nx * ny;
+    let mut reached = vec![false; plane];
+    let mut stack = Vec::new();
+    for z in 0..nz {
+        let m = &mut mask[z * plane..(z + 1) * plane];
+        reached.iter_mut().for_each(|r| *r = false);
+        for x in 0..nx {
+            for y in 0..ny {
+                if (x == 0 || y == 0 || x + 1 == nx || y + 1 == ny) && !m[x + nx * y] {
+                    reached[x + nx * y] = true;
+                    stack.push(x + nx * y);
+                }
+            }
+        }
+        while let Some(i) = stack.pop() {
+            let (x, y) = (i % nx, i / nx);
+            let mut visit = |j: usize| {
+                if !m[j] && !reached[j] {
+                    reached[j] = true;
+                    stack.push(j);
+                }
+            };
+            if x > 0 {
+                visit(i - 1);
+            }
+            if x + 1 < nx {
+                visit(i + 1);
+            }
+            if y > 0 {
+                visit(i - nx);
+            }
+            if y + 1 < ny {
+                visit(i + nx);
+            }
+        }
+        for (v, r) in m.iter_mut().zip(&reached) {
+            *v = *v || !r;
+        }
     }
 }
 
@@ -468,6 +526,19 @@ mod tests {
             let (outside, _) = tumour_where(&m, |x, y, z| r(x, y, z, 20.0, 20.0) > 9.5);
             assert_eq!(outside, 0);
         }
+    }
+
+    #[test]
+    fn a_lesion_takes_the_liver_it_encloses() {
+        // A 20 HU ring from radius 5 to 10 around 60 HU liver (wider than the closing can
+        // fill); the network drew the ring. Its middle becomes tumour, nothing beyond it does.
+        let ring = |x, y, z| (5.0..=10.0).contains(&r(x, y, z, 20.0, 20.0));
+        let (mut m, ct) = study(|x, y, z| ring(x, y, z).then_some(20.0), ring);
+        assert_eq!(refine_tumour_extents(&mut m, &ct, 6.0), 1);
+        let (middle, all) = tumour_where(&m, |x, y, z| r(x, y, z, 20.0, 20.0) < 5.0);
+        assert_eq!(middle, all, "the enclosed liver is tumour");
+        let (outside, _) = tumour_where(&m, |x, y, z| r(x, y, z, 20.0, 20.0) > 11.5);
+        assert_eq!(outside, 0, "nothing beyond the ring");
     }
 
     #[test]
