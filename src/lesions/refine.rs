@@ -50,12 +50,12 @@ const CORE_MIN_MM3: f64 = 300.0;
 /// keeps), connected to the part of the component that is, become the lesion's core, and
 /// voxels next to that core brighter than the liver by `RIM_HU` its rim (rim-enhancing
 /// lesions); that extent is closed in-plane with a disc of `CLOSE_MM` and the liver it
-/// encloses in a slice joins it. A component's voxels outside the new extent become liver. Tumour only ever
-/// takes liver (label 1) voxels, so it stays inside the liver; each component grows only
-/// into voxels nearer to it than to any other component (by a voxel diagonal), so
-/// neighbours never merge by growing. Components with no shell, too little contrast
-/// (< `MIN_CONTRAST_HU`) or no dark voxel keep the network's extent. `grow_mm` ≤ 0 changes
-/// nothing. Deterministic. Returns the number of components redrawn.
+/// encloses in a slice joins it. A component's voxels outside the new extent become liver.
+/// Tumour only ever takes liver (label 1) voxels, so it stays inside the liver; each
+/// component grows only into voxels nearer to it than to any other component (by a voxel
+/// diagonal), so neighbours never merge by growing. Components with no shell, too little
+/// contrast (< `MIN_CONTRAST_HU`) or no dark voxel keep the network's extent. `grow_mm` ≤ 0
+/// changes nothing. Deterministic. Returns the number of components redrawn.
 pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64) -> usize {
     if grow_mm.is_nan() || grow_mm <= 0.0 || ct.geometry().shape() != mask.geometry().shape() {
         return 0;
