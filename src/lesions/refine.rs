@@ -298,47 +298,22 @@ fn close_in_plane(mask: &mut [bool], shape: [usize; 3], spacing: [f64; 3]) {
     }
 }
 
-/// Fills, slice by slice, the holes of the mask: unset voxels that 4-connected unset voxels
-/// do not link to the slice's border.
+/// Fills, slice by slice, the holes of the mask: the in-plane (4-connected) components of
+/// unset voxels that do not reach the slice's border.
 fn fill_holes_in_plane(mask: &mut [bool], shape: [usize; 3]) {
-    let [nx, ny, nz] = shape;
-    let plane = nx * ny;
-    let mut reached = vec![false; plane];
-    let mut stack = Vec::new();
-    for z in 0..nz {
-        let m = &mut mask[z * plane..(z + 1) * plane];
-        reached.iter_mut().for_each(|r| *r = false);
-        for x in 0..nx {
-            for y in 0..ny {
-                if (x == 0 || y == 0 || x + 1 == nx || y + 1 == ny) && !m[x + nx * y] {
-                    reached[x + nx * y] = true;
-                    stack.push(x + nx * y);
-                }
+    let [nx, ny, _] = shape;
+    for slice in mask.chunks_mut(nx * ny) {
+        let mut bytes: Vec<u8> = slice.iter().map(|&v| u8::from(v)).collect();
+        let gaps = Components::label(&bytes, [nx, ny, 1], |v| v == 0, Connectivity::Six);
+        let boxes = gaps.bounding_boxes();
+        let enclosed = |l: u32| {
+            let (lo, hi) = boxes[l as usize];
+            lo[0] > 0 && lo[1] > 0 && hi[0] + 1 < nx && hi[1] + 1 < ny
+        };
+        if gaps.fill(&mut bytes, enclosed, 1) > 0 {
+            for (v, &b) in slice.iter_mut().zip(&bytes) {
+                *v = b == 1;
             }
-        }
-        while let Some(i) = stack.pop() {
-            let (x, y) = (i % nx, i / nx);
-            let mut visit = |j: usize| {
-                if !m[j] && !reached[j] {
-                    reached[j] = true;
-                    stack.push(j);
-                }
-            };
-            if x > 0 {
-                visit(i - 1);
-            }
-            if x + 1 < nx {
-                visit(i + 1);
-            }
-            if y > 0 {
-                visit(i - nx);
-            }
-            if y + 1 < ny {
-                visit(i + nx);
-            }
-        }
-        for (v, r) in m.iter_mut().zip(&reached) {
-            *v = *v || !r;
         }
     }
 }
