@@ -276,6 +276,10 @@ pub struct InferArgs {
     /// standard deviations darker than the liver around them (inf: never).
     #[arg(long, default_value_t = InferOptions::default().tumour_detect_z)]
     pub tumour_detect_z: f64,
+    /// Last step: each tumour component's outline is redrawn as the one of least energy (CT
+    /// fit, the outline so far, and this cost per unit of outline; 0: the outline as drawn).
+    #[arg(long, default_value_t = InferOptions::default().tumour_smooth)]
+    pub tumour_smooth: f64,
     /// Last step: a tumour component becomes liver when its this many nearest components of
     /// the model's training studies were all false positives (default: the model card's
     /// number; 0: no filter).
@@ -336,6 +340,12 @@ impl InferArgs {
                 "--fp-neighbours {k}: must be 0 to 50"
             )));
         }
+        if !(0.0..=100.0).contains(&self.tumour_smooth) {
+            return Err(Failure::Other(anyhow::anyhow!(
+                "--tumour-smooth {}: must be between 0 and 100 (0: off)",
+                self.tumour_smooth
+            )));
+        }
         if !(0.0..=50.0).contains(&self.tumour_refine_mm) {
             return Err(Failure::Other(anyhow::anyhow!(
                 "--tumour-refine-mm {}: must be between 0 and 50",
@@ -356,6 +366,7 @@ impl InferArgs {
             tumour_sure_z: self.tumour_sure_z,
             tumour_refine_mm: self.tumour_refine_mm,
             tumour_detect_z: self.tumour_detect_z,
+            tumour_smooth: self.tumour_smooth,
             fp_neighbours: self.fp_neighbours,
             ..InferOptions::default()
         })

@@ -5,8 +5,10 @@
 
 mod components;
 mod detect;
+mod mincut;
 mod postprocess;
 mod refine;
+mod regularise;
 mod screen;
 
 pub use components::{Components, Connectivity, Run};
@@ -16,6 +18,7 @@ pub use postprocess::{
     drop_tumour_outside_liver, keep_largest_liver, tumour_components,
 };
 pub use refine::refine_tumour_extents;
+pub use regularise::regularise_tumour_outlines;
 pub use screen::{
     Exemplar, FalsePositiveFilter, component_features, drop_false_positives, exemplars,
 };

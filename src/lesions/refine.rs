@@ -238,14 +238,14 @@ fn bright_rings(
 }
 
 /// A box of the volume: origin and shape.
-struct Box3 {
+pub(super) struct Box3 {
     lo: [usize; 3],
-    shape: [usize; 3],
+    pub(super) shape: [usize; 3],
 }
 
 impl Box3 {
     /// The bounds `lo..=hi` grown by `margin(axis)` voxels, clipped to the volume.
-    fn around(
+    pub(super) fn around(
         lo: [usize; 3],
         hi: [usize; 3],
         volume: [usize; 3],
@@ -262,11 +262,11 @@ impl Box3 {
         }
         b
     }
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.shape.iter().product()
     }
     /// Calls `f(box index, volume index)` for every voxel of the box, in Fortran order.
-    fn for_each(&self, volume: [usize; 3], mut f: impl FnMut(usize, usize)) {
+    pub(super) fn for_each(&self, volume: [usize; 3], mut f: impl FnMut(usize, usize)) {
         let [bx, by, bz] = self.shape;
         let mut i = 0;
         for z in 0..bz {

@@ -138,6 +138,11 @@ pub struct InferOptions {
     /// score reaches this (`lesions::find_missed_lesions`); infinite: no such search.
     #[serde(default = "default_detect_z")]
     pub tumour_detect_z: f64,
+    /// Last step: each tumour component's outline is redrawn as the labelling of least
+    /// energy, this being the cost of a unit of outline (`lesions::regularise_tumour_outlines`);
+    /// 0: the outline as drawn.
+    #[serde(default = "default_smooth")]
+    pub tumour_smooth: f64,
     /// Last step: tumour components whose this many nearest exemplars in the model card's
     /// false-positive filter are all false positives become liver; None: the card's number;
     /// 0: no filter.
@@ -162,6 +167,7 @@ impl Default for InferOptions {
             tumour_sure_z: default_sure_z(),
             tumour_refine_mm: default_refine_mm(),
             tumour_detect_z: default_detect_z(),
+            tumour_smooth: default_smooth(),
             fp_neighbours: None,
         }
     }
@@ -185,6 +191,10 @@ fn default_refine_mm() -> f64 {
 
 fn default_detect_z() -> f64 {
     5.0
+}
+
+fn default_smooth() -> f64 {
+    1.0
 }
 
 /// Mirror images averaged into the probabilities (test-time augmentation).
@@ -619,7 +629,7 @@ pub fn segment(
 }
 
 /// Reassembly and post-processing of computed probabilities; `filter`: a false-positive
-/// filter and its neighbours, the last step.
+/// filter and its neighbours.
 pub fn mask_from(
     maps: &ProbabilityMaps,
     ct: &CtVolume,
@@ -627,6 +637,20 @@ pub fn mask_from(
     tumour_threshold: f32,
     tumour_seed_threshold: f32,
     filter: Option<(&lesions::FalsePositiveFilter, usize)>,
+) -> LabelVolume {
+    let mut mask = candidates(maps, ct, opts, tumour_threshold, tumour_seed_threshold);
+    finish(&mut mask, ct, opts, filter);
+    mask
+}
+
+/// Reassembly and every post-processing step before the false-positive filter: the tumour
+/// components the filter judges (and its exemplars are made of).
+pub fn candidates(
+    maps: &ProbabilityMaps,
+    ct: &CtVolume,
+    opts: &InferOptions,
+    tumour_threshold: f32,
+    tumour_seed_threshold: f32,
 ) -> LabelVolume {
     let labels = reassemble(maps, ct.geometry().shape(), tumour_threshold);
     let mut mask = LabelVolume::new(ct.geometry().clone(), labels).expect("labels match the grid");
@@ -645,10 +669,23 @@ pub fn mask_from(
     lesions::refine_tumour_extents(&mut mask, ct, opts.tumour_refine_mm);
     lesions::drop_fat_tumours(&mut mask, ct);
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
-    if let Some((f, k)) = filter {
-        lesions::drop_false_positives(&mut mask, ct, f, k);
-    }
     mask
+}
+
+/// The last steps: the false-positive filter (when given), then each remaining lesion's
+/// outline redrawn as the one of least energy.
+fn finish(
+    mask: &mut LabelVolume,
+    ct: &CtVolume,
+    opts: &InferOptions,
+    filter: Option<(&lesions::FalsePositiveFilter, usize)>,
+) {
+    if let Some((f, k)) = filter {
+        lesions::drop_false_positives(mask, ct, f, k);
+    }
+    if lesions::regularise_tumour_outlines(mask, ct, opts.tumour_smooth) > 0 {
+        lesions::drop_small_tumours(mask, opts.min_tumour_ml);
+    }
 }
 
 #[cfg(test)]

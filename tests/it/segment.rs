@@ -347,6 +347,8 @@ fn training_writes_a_model_that_segments_with_the_input_geometry() {
     for (flag, value) in [
         ("--tumour-refine-mm", "-1"),
         ("--tumour-refine-mm", "nan"),
+        ("--tumour-smooth", "-1"),
+        ("--tumour-smooth", "nan"),
         ("--tumour-confirm-z", "0"),
         ("--tumour-sure-z", "-1"),
         ("--tumour-detect-z", "2"),
