@@ -8,17 +8,20 @@ const EPS: f64 = 1e-9;
 /// A flow network of `n` nodes plus a source and a sink.
 pub struct CutGraph {
     n: usize,
-    head: Vec<usize>,
-    next: Vec<usize>,
-    to: Vec<usize>,
+    /// First arc out of each node, the next arc out of the same node, and each arc's head
+    /// (u32: a lesion's neighbourhood has far fewer than 4 billion arcs, and half the memory).
+    head: Vec<u32>,
+    next: Vec<u32>,
+    to: Vec<u32>,
     cap: Vec<f64>,
 }
 
-const NONE: usize = usize::MAX;
+const NONE: u32 = u32::MAX;
 
 impl CutGraph {
     /// `n` nodes, numbered 0..n; the source and the sink come on top.
     pub fn new(n: usize) -> Self {
+        assert!(n + 2 < NONE as usize, "{n} nodes: too many for a cut graph");
         Self {
             n,
             head: vec![NONE; n + 2],
@@ -39,9 +42,13 @@ impl CutGraph {
     /// An arc `a → b` of capacity `ab` and its reverse of capacity `ba`.
     fn arc(&mut self, a: usize, b: usize, ab: f64, ba: f64) {
         for (from, to, cap) in [(a, b, ab), (b, a, ba)] {
+            assert!(
+                self.to.len() < NONE as usize,
+                "too many arcs for a cut graph"
+            );
             self.next.push(self.head[from]);
-            self.head[from] = self.to.len();
-            self.to.push(to);
+            self.head[from] = self.to.len() as u32;
+            self.to.push(to as u32);
             self.cap.push(cap.max(0.0));
         }
     }
@@ -76,7 +83,7 @@ impl CutGraph {
         let (s, t) = (self.source(), self.sink());
         let mut level = vec![u32::MAX; total];
         let mut current = vec![NONE; total];
-        let mut queue = Vec::with_capacity(total);
+        let mut queue: Vec<usize> = Vec::with_capacity(total);
         loop {
             // Levels by breadth-first search over unsaturated arcs.
             level.fill(u32::MAX);
@@ -89,12 +96,12 @@ impl CutGraph {
                 k += 1;
                 let mut e = self.head[u];
                 while e != NONE {
-                    let v = self.to[e];
-                    if self.cap[e] > EPS && level[v] == u32::MAX {
+                    let (a, v) = (e as usize, self.to[e as usize] as usize);
+                    if self.cap[a] > EPS && level[v] == u32::MAX {
                         level[v] = level[u] + 1;
                         queue.push(v);
                     }
-                    e = self.next[e];
+                    e = self.next[a];
                 }
             }
             if level[t] == u32::MAX {
@@ -104,7 +111,7 @@ impl CutGraph {
             // Blocking flow: depth-first along rising levels, with an explicit stack of arcs.
             let mut path: Vec<usize> = Vec::new();
             loop {
-                let u = path.last().map_or(s, |&e| self.to[e]);
+                let u = path.last().map_or(s, |&e| self.to[e] as usize);
                 if u == t {
                     let push = path
                         .iter()
@@ -121,8 +128,8 @@ impl CutGraph {
                 }
                 let mut advanced = false;
                 while current[u] != NONE {
-                    let e = current[u];
-                    let v = self.to[e];
+                    let e = current[u] as usize;
+                    let v = self.to[e] as usize;
                     if self.cap[e] > EPS && level[v] == level[u] + 1 {
                         path.push(e);
                         advanced = true;
@@ -135,8 +142,8 @@ impl CutGraph {
                     level[u] = u32::MAX;
                     match path.pop() {
                         Some(e) => {
-                            let tail = self.to[e ^ 1];
-                            current[tail] = self.next[current[tail]];
+                            let tail = self.to[e ^ 1] as usize;
+                            current[tail] = self.next[current[tail] as usize];
                         }
                         None => break,
                     }
@@ -150,12 +157,12 @@ impl CutGraph {
         while let Some(u) = stack.pop() {
             let mut e = self.head[u];
             while e != NONE {
-                let v = self.to[e];
-                if self.cap[e] > EPS && !reached[v] {
+                let (a, v) = (e as usize, self.to[e as usize] as usize);
+                if self.cap[a] > EPS && !reached[v] {
                     reached[v] = true;
                     stack.push(v);
                 }
-                e = self.next[e];
+                e = self.next[a];
             }
         }
         reached.truncate(self.n);
