@@ -10,6 +10,7 @@ mod postprocess;
 mod refine;
 mod regularise;
 mod screen;
+mod surroundings;
 
 pub use components::{Components, Connectivity, Run};
 pub use detect::find_missed_lesions;

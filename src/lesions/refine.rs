@@ -7,18 +7,12 @@
 
 use super::Components;
 use super::postprocess::{median, tumour_components};
+use super::surroundings::{Box3, MIN_CONTRAST_HU, SHELL_MM, Surroundings};
 use crate::lesions::Connectivity;
 use crate::volume::blur::gaussian_blur;
 use crate::volume::edt::squared_distance;
-use crate::volume::{CtVolume, LabelVolume, label};
+use crate::volume::{CtVolume, LabelVolume};
 
-/// The liver a component is compared with: parenchyma (label 1) in its own slices, more than
-/// `SHELL_MM.0` and at most `SHELL_MM.1` millimetres from it in-plane.
-const SHELL_MM: (f64, f64) = (3.0, 7.0);
-/// Fewest shell voxels for a reference.
-const SHELL_MIN_VOXELS: usize = 20;
-/// Least contrast (HU) between the shell's and the component's medians for a refinement.
-const MIN_CONTRAST_HU: f32 = 5.0;
 /// Where between the component's median (0) and its shell's (1) the boundary lies.
 const THRESHOLD_FRACTION: f32 = 0.5;
 /// In-plane Gaussian smoothing of the CT before the threshold (σ, mm).
@@ -37,11 +31,6 @@ const RIM_SHELL_MM: (f64, f64) = (8.0, 14.0);
 /// Radius (mm) of the in-plane disc that closes each redrawn lesion: two pixels of a typical
 /// abdominal CT.
 const CLOSE_MM: f64 = 3.6;
-/// A dark part joins the core when its overlap with the component is at least 1/this of the
-/// largest part's.
-const CORE_SHARE_DIVISOR: usize = 4;
-/// … or at least this volume (mm³): a second lesion the network drew as one with the first.
-const CORE_MIN_MM3: f64 = 300.0;
 
 /// Redraws each tumour component (26-connected) within `grow_mm` of where the network put it,
 /// from the CT: the component's median CT value and the median of the liver around it
@@ -54,8 +43,8 @@ const CORE_MIN_MM3: f64 = 300.0;
 /// Tumour only ever takes liver (label 1) voxels, so it stays inside the liver; each
 /// component grows only into voxels nearer to it than to any other component (by a voxel
 /// diagonal), so neighbours never merge by growing. Components with no shell, too little
-/// contrast (< `MIN_CONTRAST_HU`) or no dark voxel keep the network's extent. `grow_mm` ≤ 0
-/// changes nothing. Deterministic. Returns the number of components redrawn.
+/// contrast (< `MIN_CONTRAST_HU`) or no dark voxel of their own keep the network's extent.
+/// `grow_mm` ≤ 0 changes nothing. Deterministic. Returns the number of components redrawn.
 pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64) -> usize {
     if grow_mm.is_nan() || grow_mm <= 0.0 || ct.geometry().shape() != mask.geometry().shape() {
         return 0;
@@ -81,124 +70,60 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
             let margin = (2.0 * reach + diagonal).max(RIM_SHELL_MM.1) + 3.0 * SMOOTH_MM;
             (margin / spacing[t]).ceil() as usize + 1
         });
-        let n = b.len();
-        let mut this = vec![false; n];
-        let mut rival = vec![false; n];
-        let mut labels = vec![0u8; n];
-        let mut hu = vec![0f32; n];
-        b.for_each(shape, |i, g| {
-            this[i] = ids[g] == l;
-            rival[i] = ids[g] != 0 && ids[g] != l;
-            labels[i] = original[g];
-            hu[i] = ct.hu()[g];
-        });
-        let in_plane = squared_distance(&this, b.shape, [spacing[0], spacing[1], 1e6]);
-
-        // The liver around the component (median CT of parenchyma in its slices between
-        // `mm.0` and `mm.1` from it; None with too few voxels), and the component itself.
-        let liver_median = |mm: (f64, f64)| {
-            let (r0, r1) = (mm.0 * mm.0, mm.1 * mm.1);
-            let mut shell: Vec<f32> = (0..n)
-                .filter(|&i| labels[i] == label::LIVER && in_plane[i] > r0 && in_plane[i] <= r1)
-                .map(|i| hu[i])
-                .collect();
-            (shell.len() >= SHELL_MIN_VOXELS).then(|| median(&mut shell))
-        };
-        let Some(liver_hu) = liver_median(SHELL_MM) else {
+        let around = Surroundings::new(b, shape, spacing, &ids, l, &original, ct);
+        let n = around.b.len();
+        let Some(liver_hu) = around.liver_median(SHELL_MM) else {
             continue;
         };
-        let mut own: Vec<f32> = (0..n).filter(|&i| this[i]).map(|i| hu[i]).collect();
-        let lesion_hu = median(&mut own);
+        let lesion_hu = around.lesion_median();
         if liver_hu - lesion_hu < MIN_CONTRAST_HU {
             continue;
         }
-        let d_this = squared_distance(&this, b.shape, spacing);
-        let d_rival = squared_distance(&rival, b.shape, spacing);
         let threshold = lesion_hu + THRESHOLD_FRACTION * (liver_hu - lesion_hu);
         let sigma = [SMOOTH_MM / spacing[0], SMOOTH_MM / spacing[1], 0.0];
         // The rim of a rim-enhancing lesion can fill the near shell; the rings compare with
         // liver beyond it.
-        let far_hu = liver_median(RIM_SHELL_MM).unwrap_or(liver_hu);
-        let smooth = gaussian_blur(hu, b.shape, sigma);
+        let far_hu = around.liver_median(RIM_SHELL_MM).unwrap_or(liver_hu);
+        let smooth = gaussian_blur(around.hu.clone(), around.b.shape, sigma);
+        let (owned, d_this) = around.owned(spacing, diagonal);
+        let this = &around.this;
 
-        // Inside the liver, and nearer to this component than to any other by more than one
-        // voxel diagonal: two components never grow into touching (merging) extents.
-        let owned = |i: usize| {
-            labels[i] >= label::LIVER
-                && (this[i] || d_this[i].sqrt() + diagonal < d_rival[i].sqrt())
-        };
         let grow2 = grow_mm * grow_mm;
         let dark: Vec<bool> = (0..n)
-            .map(|i| owned(i) && d_this[i] <= grow2 && smooth[i] < threshold)
+            .map(|i| owned[i] && d_this[i] <= grow2 && smooth[i] < threshold)
             .collect();
         // Beyond the network's extent, only what an in-plane 3 × 3 opening keeps: a faint
         // lesion's threshold cuts through the liver's noise, and the specks and one-pixel
         // threads of liver below it would otherwise join the lesion.
-        let opened = square_filter(&square_filter(&dark, b.shape, false), b.shape, true);
-        let dark: Vec<u8> = (0..n)
-            .map(|i| u8::from(dark[i] && (this[i] || opened[i])))
-            .collect();
-        let parts = Components::label(&dark, b.shape, |v| v == 1, Connectivity::TwentySix);
-        let part = parts.label_volume();
-        // The dark parts the component overlaps much; a part that only grazes it (where the
-        // component's own non-dark voxels bridged to it) would become a speck of its own.
-        let mut overlap = vec![0usize; parts.count() + 1];
-        for i in 0..n {
-            if this[i] && part[i] != 0 {
-                overlap[part[i] as usize] += 1;
-            }
-        }
-        let most = overlap.iter().copied().max().unwrap_or(0);
-        let core: Vec<bool> = part
-            .iter()
-            .map(|&p| {
-                let o = overlap[p as usize];
-                p != 0 && (o * CORE_SHARE_DIVISOR >= most || o as f64 * voxel_mm3 >= CORE_MIN_MM3)
-            })
-            .collect();
-        if !core.iter().any(|&c| c) {
+        let bs = around.b.shape;
+        let opened = square_filter(&square_filter(&dark, bs, false), bs, true);
+        let dark: Vec<bool> = (0..n).map(|i| dark[i] && (this[i] || opened[i])).collect();
+        // The dark parts the component overlaps much (a part that only grazes it, where the
+        // component's own non-dark voxels bridged to it, would become a speck of its own).
+        let Some(core) = around.carrying_parts(&dark, voxel_mm3) else {
             continue;
-        }
+        };
         // Distances to the core within its slices: on thick slices a bright vessel in the
         // slice above a lesion is no rim of it.
-        let d_core = squared_distance(&core, b.shape, [spacing[0], spacing[1], 1e6]);
+        let d_core = squared_distance(&core, bs, [spacing[0], spacing[1], 1e6]);
         let rim_hu = liver_hu + RIM_HU;
         let mut new: Vec<bool> = (0..n)
             .map(|i| core[i] || (d_core[i] <= RIM_MM * RIM_MM && smooth[i] > rim_hu))
             .collect();
         let ring_mm = spacing[0].min(spacing[1]);
-        let candidate = |i: usize| owned(i) && !core[i];
+        let candidate = |i: usize| owned[i] && !core[i];
         for i in bright_rings(&d_core, &smooth, candidate, ring_mm, far_hu) {
             new[i] = true;
         }
         // A lesion is solid: its notches and the liver it encloses in a slice are its own.
-        close_in_plane(&mut new, b.shape, spacing);
-        fill_holes_in_plane(&mut new, b.shape);
-        for (i, v) in new.iter_mut().enumerate() {
-            *v = *v && owned(i);
+        close_in_plane(&mut new, bs, spacing);
+        fill_holes_in_plane(&mut new, bs);
+        for (v, &o) in new.iter_mut().zip(&owned) {
+            *v = *v && o;
         }
         // Rim pieces cut off from the core are not this lesion's.
-        let bytes: Vec<u8> = new.iter().map(|&v| u8::from(v)).collect();
-        let pieces = Components::label(&bytes, b.shape, |v| v == 1, Connectivity::TwentySix);
-        let piece = pieces.label_volume();
-        let mut with_core = vec![false; pieces.count() + 1];
-        for i in 0..n {
-            if core[i] && piece[i] != 0 {
-                with_core[piece[i] as usize] = true;
-            }
-        }
-        for (v, &p) in new.iter_mut().zip(&piece) {
-            *v = *v && with_core[p as usize];
-        }
-
-        let out = mask.labels_mut();
-        b.for_each(shape, |i, g| {
-            if new[i] {
-                out[g] = label::TUMOUR;
-            } else if this[i] {
-                out[g] = label::LIVER;
-            }
-        });
+        let new = around.touching(&new, &core);
+        around.write(&new, shape, mask.labels_mut());
         changed += 1;
     }
     changed
@@ -234,50 +159,6 @@ fn bright_rings(
     match farthest {
         Some(k) => members[..=k].concat(),
         None => Vec::new(),
-    }
-}
-
-/// A box of the volume: origin and shape.
-pub(super) struct Box3 {
-    lo: [usize; 3],
-    pub(super) shape: [usize; 3],
-}
-
-impl Box3 {
-    /// The bounds `lo..=hi` grown by `margin(axis)` voxels, clipped to the volume.
-    pub(super) fn around(
-        lo: [usize; 3],
-        hi: [usize; 3],
-        volume: [usize; 3],
-        margin: impl Fn(usize) -> usize,
-    ) -> Self {
-        let mut b = Box3 {
-            lo: [0; 3],
-            shape: [0; 3],
-        };
-        for t in 0..3 {
-            let m = margin(t);
-            b.lo[t] = lo[t].saturating_sub(m);
-            b.shape[t] = (hi[t] + m).min(volume[t] - 1) + 1 - b.lo[t];
-        }
-        b
-    }
-    pub(super) fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-    /// Calls `f(box index, volume index)` for every voxel of the box, in Fortran order.
-    pub(super) fn for_each(&self, volume: [usize; 3], mut f: impl FnMut(usize, usize)) {
-        let [bx, by, bz] = self.shape;
-        let mut i = 0;
-        for z in 0..bz {
-            for y in 0..by {
-                let g = self.lo[0] + volume[0] * ((self.lo[1] + y) + volume[1] * (self.lo[2] + z));
-                for x in 0..bx {
-                    f(i, g + x);
-                    i += 1;
-                }
-            }
-        }
     }
 }
 
@@ -348,41 +229,9 @@ fn square_filter(mask: &[bool], shape: [usize; 3], any: bool) -> Vec<bool> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::surroundings::test_study as study;
     use super::*;
-    use crate::volume::Geometry;
-
-    /// 40 × 40 × 5 voxels of 1 × 1 × 2 mm, all liver at 60 HU but for `hu(x, y, z)`, with
-    /// tumour where `tumour(x, y, z)`.
-    fn study(
-        hu: impl Fn(usize, usize, usize) -> Option<f32>,
-        tumour: impl Fn(usize, usize, usize) -> bool,
-    ) -> (LabelVolume, CtVolume) {
-        let g = Geometry::new(
-            [40, 40, 5],
-            [1.0, 1.0, 2.0],
-            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
-            [0.0; 3],
-        )
-        .unwrap();
-        let (mut labels, mut values) = (vec![0u8; g.len()], vec![0f32; g.len()]);
-        for z in 0..5 {
-            for y in 0..40 {
-                for x in 0..40 {
-                    let i = g.index(x, y, z);
-                    labels[i] = if tumour(x, y, z) {
-                        label::TUMOUR
-                    } else {
-                        label::LIVER
-                    };
-                    values[i] = hu(x, y, z).unwrap_or(60.0);
-                }
-            }
-        }
-        (
-            LabelVolume::new(g.clone(), labels).unwrap(),
-            CtVolume::new(g, values).unwrap(),
-        )
-    }
+    use crate::volume::label;
 
     /// In-plane distance from (cx, cy) on slices 1..=3.
     fn r(x: usize, y: usize, z: usize, cx: f64, cy: f64) -> f64 {

@@ -4,30 +4,15 @@
 //! decides each voxel alone, so the liver's noise notches a lesion's outline and adds specks
 //! beside it; the outline of least energy is smooth where the CT does not insist otherwise.
 
-use super::Components;
 use super::mincut::CutGraph;
 use super::postprocess::{median, tumour_components};
-use super::refine::Box3;
-use crate::lesions::Connectivity;
-use crate::volume::edt::squared_distance;
-use crate::volume::{CtVolume, LabelVolume, label};
+use super::surroundings::{Box3, MIN_CONTRAST_HU, SHELL_MM, Surroundings};
+use crate::volume::{CtVolume, LabelVolume};
 
 /// How far (mm) beyond a component its outline may move.
 const REACH_MM: f64 = 6.0;
-/// The liver a component is compared with: parenchyma in its own slices, more than `.0` and
-/// at most `.1` millimetres from it in-plane.
-const SHELL_MM: (f64, f64) = (3.0, 7.0);
-/// Fewest shell voxels for a reference.
-const SHELL_MIN_VOXELS: usize = 20;
-/// Least contrast (HU) between the shell's and the component's medians.
-const MIN_CONTRAST_HU: f32 = 5.0;
 /// Cost (in units of the CT term) of a voxel leaving the extent drawn so far, either way.
 const PRIOR: f64 = 0.5;
-/// A part of the cut stays when its overlap with the component is at least 1/this of the
-/// largest part's …
-const MAIN_SHARE_DIVISOR: usize = 4;
-/// … or at least this volume (mm³).
-const MAIN_MIN_MM3: f64 = 300.0;
 /// Weight of a neighbour across slices, relative to an in-plane neighbour's: slices are
 /// thicker than pixels, and neighbours across them agree less.
 const ACROSS_SLICES: f64 = 0.5;
@@ -65,45 +50,24 @@ pub fn regularise_tumour_outlines(mask: &mut LabelVolume, ct: &CtVolume, smoothn
             let margin = (2.0 * REACH_MM + diagonal).max(SHELL_MM.1);
             (margin / spacing[t]).ceil() as usize + 1
         });
-        let n = b.len();
-        let mut this = vec![false; n];
-        let mut rival = vec![false; n];
-        let mut labels = vec![0u8; n];
-        let mut hu = vec![0f32; n];
-        b.for_each(shape, |i, g| {
-            this[i] = ids[g] == l;
-            rival[i] = ids[g] != 0 && ids[g] != l;
-            labels[i] = original[g];
-            hu[i] = ct.hu()[g];
-        });
-        let in_plane = squared_distance(&this, b.shape, [spacing[0], spacing[1], 1e6]);
-        let (r0, r1) = (SHELL_MM.0 * SHELL_MM.0, SHELL_MM.1 * SHELL_MM.1);
-        let mut shell: Vec<f32> = (0..n)
-            .filter(|&i| labels[i] == label::LIVER && in_plane[i] > r0 && in_plane[i] <= r1)
-            .map(|i| hu[i])
-            .collect();
-        if shell.len() < SHELL_MIN_VOXELS {
+        let around = Surroundings::new(b, shape, spacing, &ids, l, &original, ct);
+        let n = around.b.len();
+        let Some(mut shell) = around.liver_values(SHELL_MM) else {
             continue;
-        }
+        };
         let liver_hu = median(&mut shell);
         let mut deviations: Vec<f32> = shell.iter().map(|v| (v - liver_hu).abs()).collect();
         let sigma = (1.4826 * median(&mut deviations) as f64).max(1.0);
-        let mut own: Vec<f32> = (0..n).filter(|&i| this[i]).map(|i| hu[i]).collect();
-        let lesion_hu = median(&mut own);
+        let lesion_hu = around.lesion_median();
         if liver_hu - lesion_hu < MIN_CONTRAST_HU {
             continue;
         }
+        let (this, hu) = (&around.this, &around.hu);
 
-        // The voxels whose label is open: liver or this component, within reach, nearer to
-        // it than to any other component by a voxel diagonal.
-        let d_this = squared_distance(&this, b.shape, spacing);
-        let d_rival = squared_distance(&rival, b.shape, spacing);
+        // The voxels whose label is open: those the component may own, within reach.
+        let (owned, d_this) = around.owned(spacing, diagonal);
         let open: Vec<bool> = (0..n)
-            .map(|i| {
-                labels[i] >= label::LIVER
-                    && d_this[i] <= REACH_MM * REACH_MM
-                    && (this[i] || d_this[i].sqrt() + diagonal < d_rival[i].sqrt())
-            })
+            .map(|i| owned[i] && d_this[i] <= REACH_MM * REACH_MM)
             .collect();
         let mut node = vec![usize::MAX; n];
         let mut count = 0;
@@ -117,7 +81,7 @@ pub fn regularise_tumour_outlines(mask: &mut LabelVolume, ct: &CtVolume, smoothn
         // neighbour of it pays the pair's weight as lesion.
         let mut graph = CutGraph::new(count);
         let var2 = 2.0 * sigma * sigma;
-        let [bx, by, bz] = b.shape;
+        let [bx, by, bz] = around.b.shape;
         for i in 0..n {
             if !open[i] {
                 continue;
@@ -158,52 +122,20 @@ pub fn regularise_tumour_outlines(mask: &mut LabelVolume, ct: &CtVolume, smoothn
             graph.unary(node[i], as_lesion, as_liver);
         }
         let side = graph.solve();
-        let cut: Vec<u8> = (0..n).map(|i| u8::from(open[i] && side[node[i]])).collect();
-        // The parts of the cut that carry the component (the largest overlap, or a quarter
-        // of it, or `MAIN_MIN_MM3`: a second lesion drawn as one with the first); what else the
-        // cut leaves are specks of noise.
-        let parts = Components::label(&cut, b.shape, |v| v == 1, Connectivity::TwentySix);
-        let part = parts.label_volume();
-        let mut overlap = vec![0usize; parts.count() + 1];
-        for i in 0..n {
-            if this[i] && part[i] != 0 {
-                overlap[part[i] as usize] += 1;
-            }
-        }
-        let most = overlap.iter().copied().max().unwrap_or(0);
-        if most == 0 {
+        let cut: Vec<bool> = (0..n).map(|i| open[i] && side[node[i]]).collect();
+        // The parts of the cut that carry the component; what else it leaves are specks of
+        // noise.
+        let Some(main) = around.carrying_parts(&cut, voxel_mm3) else {
             continue;
-        }
-        let main: Vec<bool> = part
-            .iter()
-            .map(|&p| {
-                let o = overlap[p as usize];
-                p != 0 && (o * MAIN_SHARE_DIVISOR >= most || o as f64 * voxel_mm3 >= MAIN_MIN_MM3)
-            })
-            .collect();
+        };
         // The component's voxels brighter than its liver (an enhancing rim, which the
         // refinement takes where a whole ring is 6 HU brighter) stay where they touch what
         // the cut keeps.
-        let with_rim: Vec<u8> = (0..n)
-            .map(|i| u8::from(main[i] || (this[i] && hu[i] > liver_hu)))
+        let with_rim: Vec<bool> = (0..n)
+            .map(|i| main[i] || (this[i] && hu[i] > liver_hu))
             .collect();
-        let pieces = Components::label(&with_rim, b.shape, |v| v == 1, Connectivity::TwentySix);
-        let piece = pieces.label_volume();
-        let mut keep = vec![false; pieces.count() + 1];
-        for i in 0..n {
-            if main[i] {
-                keep[piece[i] as usize] = true;
-            }
-        }
-        let lesion: Vec<bool> = piece.iter().map(|&p| p != 0 && keep[p as usize]).collect();
-        let out = mask.labels_mut();
-        b.for_each(shape, |i, g| {
-            if lesion[i] {
-                out[g] = label::TUMOUR;
-            } else if this[i] {
-                out[g] = label::LIVER;
-            }
-        });
+        let lesion = around.touching(&with_rim, &main);
+        around.write(&lesion, shape, mask.labels_mut());
         changed += 1;
     }
     changed
@@ -211,55 +143,37 @@ pub fn regularise_tumour_outlines(mask: &mut LabelVolume, ct: &CtVolume, smoothn
 
 #[cfg(test)]
 mod tests {
+    use super::super::surroundings::test_study;
     use super::*;
-    use crate::volume::Geometry;
+    use crate::volume::label;
 
-    /// 40 × 40 × 5 voxels of 1 × 1 × 2 mm, liver at 60 HU with a noise pattern of ±`noise`,
-    /// 30 HU inside a disc of radius 8 around (20, 20) in slices 1..=3, 52 HU at `dips`, and
-    /// tumour where `tumour(x, y, z)`.
+    /// The test study (40 × 40 × 5 voxels of 1 × 1 × 2 mm) with a noise pattern of ±`noise`
+    /// on liver at 60 HU, 30 HU inside a disc of radius 8 around (20, 20) in slices 1..=3,
+    /// 52 HU at `dips`, and tumour where `tumour(x, y, z)`.
     fn study(
         noise: f32,
         dips: &[(usize, usize, usize)],
         tumour: impl Fn(usize, usize, usize) -> bool,
     ) -> (LabelVolume, CtVolume) {
-        let g = Geometry::new(
-            [40, 40, 5],
-            [1.0, 1.0, 2.0],
-            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
-            [0.0; 3],
-        )
-        .unwrap();
-        let disc = |x: usize, y: usize, z: usize| {
-            let (dx, dy) = (x as f64 - 20.0, y as f64 - 20.0);
-            (1..=3).contains(&z) && dx * dx + dy * dy <= 64.0
-        };
-        let mut hu = Vec::new();
-        let mut labels = Vec::new();
         let mut state = 7u64;
-        for z in 0..5 {
-            for y in 0..40 {
-                for x in 0..40 {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    let e = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * noise;
-                    hu.push(
-                        if dips.contains(&(x, y, z)) {
-                            52.0
-                        } else {
-                            if disc(x, y, z) { 30.0 } else { 60.0 }
-                        } + e,
-                    );
-                    labels.push(if tumour(x, y, z) {
-                        label::TUMOUR
-                    } else {
-                        label::LIVER
-                    });
-                }
-            }
-        }
-        (
-            LabelVolume::new(g.clone(), labels).unwrap(),
-            CtVolume::new(g, hu).unwrap(),
-        )
+        let pattern: Vec<f32> = (0..40 * 40 * 5)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * noise
+            })
+            .collect();
+        let hu = |x: usize, y: usize, z: usize| {
+            let (dx, dy) = (x as f64 - 20.0, y as f64 - 20.0);
+            let base = if dips.contains(&(x, y, z)) {
+                52.0
+            } else if (1..=3).contains(&z) && dx * dx + dy * dy <= 64.0 {
+                30.0
+            } else {
+                60.0
+            };
+            Some(base + pattern[x + 40 * (y + 40 * z)])
+        };
+        test_study(hu, tumour)
     }
 
     fn tumour_at(mask: &LabelVolume, x: usize, y: usize, z: usize) -> bool {
