@@ -23,13 +23,13 @@ const ACROSS_SLICES: f64 = 0.5;
 /// that liver's robust spread σ; nothing as lesion when darker than the lesion, nothing as
 /// liver when brighter than the liver (vessels) —, `PRIOR` more where it leaves the extent
 /// drawn so far, and every pair of face neighbours on two sides of the outline costs
-/// `smoothness` (in-plane) or `smoothness · ACROSS_SLICES` (across slices). Voxels of the
-/// component brighter than its liver's median (an enhancing rim) stay where they touch the
-/// lesion. Only liver voxels nearer to the
+/// `smoothness` (in-plane) or `smoothness · ACROSS_SLICES` (across slices). Only the parts
+/// of the cut that carry the component stay, with the component's voxels brighter than its
+/// liver's median (an enhancing rim) where they touch them. Only liver voxels nearer to the
 /// component than to any other by a voxel diagonal may join, so lesions never merge and
-/// tumour stays inside the liver; parts cut off from the component are left out. Components
-/// with too little contrast or liver around them keep their extent; `smoothness` ≤ 0 changes
-/// nothing. Deterministic. Returns the number of components redrawn.
+/// tumour stays inside the liver. Components with too little contrast or liver around them
+/// keep their extent; `smoothness` ≤ 0 changes nothing. Deterministic. Returns the number of
+/// components redrawn.
 pub fn regularise_tumour_outlines(mask: &mut LabelVolume, ct: &CtVolume, smoothness: f64) -> usize {
     if smoothness.is_nan() || smoothness <= 0.0 || ct.geometry().shape() != mask.geometry().shape()
     {
