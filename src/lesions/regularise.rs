@@ -80,28 +80,18 @@ pub fn regularise_tumour_outlines(mask: &mut LabelVolume, ct: &CtVolume, smoothn
         // Source side: lesion; sink side: liver. A closed voxel is liver, so an open
         // neighbour of it pays the pair's weight as lesion.
         let mut graph = CutGraph::new(count);
+        // A CT value costs nothing beyond its class's median (darker than the lesion,
+        // brighter than the liver), else its squared distance in units of 2σ².
         let var2 = 2.0 * sigma * sigma;
+        let excess = |d: f32| f64::from(d.max(0.0)).powi(2) / var2;
         let [bx, by, bz] = around.b.shape;
         for i in 0..n {
             if !open[i] {
                 continue;
             }
-            let x = hu[i];
-            let as_lesion = if x < lesion_hu {
-                0.0
-            } else {
-                ((x - lesion_hu) as f64).powi(2) / var2
-            };
-            let as_liver = if x > liver_hu {
-                0.0
-            } else {
-                ((x - liver_hu) as f64).powi(2) / var2
-            };
-            let (mut as_lesion, as_liver) = if this[i] {
-                (as_lesion, as_liver + PRIOR)
-            } else {
-                (as_lesion + PRIOR, as_liver)
-            };
+            let leaves = |joins: bool| if joins == this[i] { 0.0 } else { PRIOR };
+            let mut as_lesion = excess(hu[i] - lesion_hu) + leaves(true);
+            let as_liver = excess(liver_hu - hu[i]) + leaves(false);
             let (x0, y0, z0) = (i % bx, (i / bx) % by, i / (bx * by));
             let neighbours = [
                 (x0 > 0, i.wrapping_sub(1), 1.0),

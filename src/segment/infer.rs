@@ -639,7 +639,13 @@ pub fn mask_from(
     filter: Option<(&lesions::FalsePositiveFilter, usize)>,
 ) -> LabelVolume {
     let mut mask = candidates(maps, ct, opts, tumour_threshold, tumour_seed_threshold);
-    finish(&mut mask, ct, opts, filter);
+    if let Some((f, k)) = filter {
+        lesions::drop_false_positives(&mut mask, ct, f, k);
+    }
+    // Last, each remaining lesion's outline is redrawn as the one of least energy.
+    if lesions::regularise_tumour_outlines(&mut mask, ct, opts.tumour_smooth) > 0 {
+        lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
+    }
     mask
 }
 
@@ -670,22 +676,6 @@ pub fn candidates(
     lesions::drop_fat_tumours(&mut mask, ct);
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
     mask
-}
-
-/// The last steps: the false-positive filter (when given), then each remaining lesion's
-/// outline redrawn as the one of least energy.
-fn finish(
-    mask: &mut LabelVolume,
-    ct: &CtVolume,
-    opts: &InferOptions,
-    filter: Option<(&lesions::FalsePositiveFilter, usize)>,
-) {
-    if let Some((f, k)) = filter {
-        lesions::drop_false_positives(mask, ct, f, k);
-    }
-    if lesions::regularise_tumour_outlines(mask, ct, opts.tumour_smooth) > 0 {
-        lesions::drop_small_tumours(mask, opts.min_tumour_ml);
-    }
 }
 
 #[cfg(test)]
