@@ -256,6 +256,10 @@ pub struct InferArgs {
     /// dome and the tip of thick slices (1: keep them).
     #[arg(long, default_value_t = InferOptions::default().max_end_slice_share)]
     pub max_end_slice_share: f64,
+    /// Tumour components with more than this share of their surface facing background become
+    /// background: what the network's liver only reaches into is another organ's (1: keep them).
+    #[arg(long, default_value_t = InferOptions::default().max_outside_share)]
+    pub max_outside_share: f64,
     /// A tumour component whose peak stays below the seed threshold is kept when its median CT
     /// value lies at least this many standard deviations below liver of its shape elsewhere in
     /// the study (inf: never).
@@ -315,6 +319,7 @@ impl InferArgs {
             }
         }
         unit_interval("--max-end-slice-share", self.max_end_slice_share)?;
+        unit_interval("--max-outside-share", self.max_outside_share)?;
         if self.tumour_confirm_z.is_nan() || self.tumour_confirm_z <= 0.0 {
             return Err(Failure::Other(anyhow::anyhow!(
                 "--tumour-confirm-z {}: must be a positive number (inf: never)",
@@ -362,6 +367,7 @@ impl InferArgs {
             min_tumour_ml: self.min_tumour_ml,
             tumour_margin_mm: self.tumour_margin_mm,
             max_end_slice_share: self.max_end_slice_share,
+            max_outside_share: self.max_outside_share,
             tumour_confirm_z: self.tumour_confirm_z,
             tumour_sure_z: self.tumour_sure_z,
             tumour_refine_mm: self.tumour_refine_mm,

@@ -166,6 +166,59 @@ pub fn drop_end_slice_tumours(mask: &mut LabelVolume, max_share: f64) -> usize {
     drop.iter().filter(|&&d| d).count()
 }
 
+/// Relabels as background every tumour component (26-connected) of which more than
+/// `max_share` of the surface (face area, in mm²) faces background: a liver lesion is mostly
+/// enclosed by liver, and what the network calls tumour where its liver only reaches into
+/// another organ (a kidney's medulla behind a finger of liver, the gallbladder) is that
+/// organ's. Faces at the volume's edge do not count. A share of 1 or more changes nothing.
+/// Returns the number of components dropped.
+pub fn drop_extrahepatic_tumours(mask: &mut LabelVolume, max_share: f64) -> usize {
+    if max_share >= 1.0 {
+        return 0;
+    }
+    let g = mask.geometry().clone();
+    let [nx, ny, nz] = g.shape();
+    let s = g.spacing_mm();
+    let comps = tumour_components(mask);
+    if comps.count() == 0 {
+        return 0;
+    }
+    // Face areas across x, y and z, and each axis's step and extent.
+    let area = [s[1] * s[2], s[0] * s[2], s[0] * s[1]];
+    let step = [1, nx, nx * ny];
+    let labels = mask.labels();
+    // Per component: surface area facing anything but tumour, and the part facing background.
+    let (mut surface, mut outside) = (vec![0.0; comps.count() + 1], vec![0.0; comps.count() + 1]);
+    for (r, l) in comps.runs() {
+        let (y, z) = (r.row as usize % ny, r.row as usize / ny);
+        let base = nx * r.row as usize;
+        for x in r.start as usize..r.end as usize {
+            let i = base + x;
+            let at = [x, y, z];
+            for t in 0..3 {
+                let n = [nx, ny, nz][t];
+                for (inside, j) in [
+                    (at[t] > 0, i.wrapping_sub(step[t])),
+                    (at[t] + 1 < n, i + step[t]),
+                ] {
+                    if !inside || labels[j] == label::TUMOUR {
+                        continue;
+                    }
+                    surface[l as usize] += area[t];
+                    if labels[j] == label::BACKGROUND {
+                        outside[l as usize] += area[t];
+                    }
+                }
+            }
+        }
+    }
+    let drop: Vec<bool> = (0..=comps.count())
+        .map(|l| l > 0 && outside[l] > max_share * surface[l])
+        .collect();
+    comps.fill(mask.labels_mut(), |l| drop[l as usize], label::BACKGROUND);
+    drop.iter().filter(|&&d| d).count()
+}
+
 /// Copies of a component's shape that [`contrast_z`] places in lesion-free liver.
 const CONTRAST_COPIES: usize = 200;
 
@@ -391,6 +444,39 @@ mod tests {
             _ => 0,
         });
         assert_eq!(drop_end_slice_tumours(&mut m2, 1.0), 0);
+    }
+
+    #[test]
+    fn tumour_mostly_facing_background_is_dropped() {
+        // Liver in x 0..=5 of a 12 × 3 × 3 volume (1 × 1 × 2 mm). Tumour A fills x 2..=3 at
+        // y 1, z 1, enclosed by liver; tumour B fills x 6..=8 in every y and z beside the
+        // liver, in background, so only its face at x 5 touches liver.
+        let mut m = mask([12, 3, 3], |i, j, k| match (i, j, k) {
+            (2..=3, 1, 1) => 2,
+            (6..=8, _, _) => 2,
+            (0..=5, _, _) => 1,
+            _ => 0,
+        });
+        let g = m.geometry().clone();
+        // B: surface 9 × 2 mm² toward the liver, 9 × 2 toward x 9, and across y and z the
+        // rest (faces at the volume's edge do not count): only x 9 faces background, half.
+        assert_eq!(drop_extrahepatic_tumours(&mut m.clone(), 0.5), 0);
+        assert_eq!(drop_extrahepatic_tumours(&mut m, 0.4), 1);
+        assert_eq!(m.labels()[g.index(7, 1, 1)], 0, "B dropped to background");
+        assert_eq!(
+            m.labels()[g.index(2, 1, 1)],
+            2,
+            "A, enclosed by liver, kept"
+        );
+        assert_eq!(
+            drop_extrahepatic_tumours(&mut m, 0.0),
+            0,
+            "A faces no background"
+        );
+        // A share of 1 or more keeps everything.
+        let mut all = mask([3, 1, 1], |i, _, _| if i == 1 { 2 } else { 0 });
+        assert_eq!(drop_extrahepatic_tumours(&mut all, 1.0), 0);
+        assert_eq!(drop_extrahepatic_tumours(&mut all, 0.99), 1);
     }
 
     #[test]

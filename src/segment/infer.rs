@@ -109,6 +109,10 @@ pub struct InferOptions {
     /// volume of thick slices at the dome and the tip. 1 keeps them all.
     #[serde(default = "default_end_slice_share")]
     pub max_end_slice_share: f64,
+    /// Post-processing: tumour components with more than this share of their surface facing
+    /// background become background (`lesions::drop_extrahepatic_tumours`). 1 keeps them all.
+    #[serde(default = "default_outside_share")]
+    pub max_outside_share: f64,
     /// Use bfloat16 on a GPU.
     pub half_precision: bool,
     /// Mirror images whose probabilities are averaged in.
@@ -159,6 +163,7 @@ impl Default for InferOptions {
             tumour_margin_mm: 3.0,
             min_tumour_ml: 0.02,
             max_end_slice_share: default_end_slice_share(),
+            max_outside_share: default_outside_share(),
             half_precision: true,
             flips: Flips::None,
             tumour_threshold: None,
@@ -175,6 +180,10 @@ impl Default for InferOptions {
 
 fn default_end_slice_share() -> f64 {
     0.5
+}
+
+fn default_outside_share() -> f64 {
+    0.6
 }
 
 fn default_confirm_z() -> f64 {
@@ -674,6 +683,7 @@ pub fn candidates(
     lesions::find_missed_lesions(&mut mask, ct, opts.tumour_detect_z);
     lesions::refine_tumour_extents(&mut mask, ct, opts.tumour_refine_mm);
     lesions::drop_fat_tumours(&mut mask, ct);
+    lesions::drop_extrahepatic_tumours(&mut mask, opts.max_outside_share);
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
     mask
 }

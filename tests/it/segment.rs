@@ -353,6 +353,8 @@ fn training_writes_a_model_that_segments_with_the_input_geometry() {
         ("--tumour-sure-z", "-1"),
         ("--tumour-detect-z", "2"),
         ("--fp-neighbours", "51"),
+        ("--max-outside-share", "1.5"),
+        ("--max-outside-share", "nan"),
     ] {
         let (code, err) = segment(&model, &[format!("{flag}={value}")]);
         assert_eq!(code, Some(1), "{flag} {value}: {err}");
