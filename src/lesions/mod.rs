@@ -15,8 +15,9 @@ mod surroundings;
 pub use components::{Components, Connectivity, Run};
 pub use detect::find_missed_lesions;
 pub use postprocess::{
-    contrast_z, drop_end_slice_tumours, drop_extrahepatic_tumours, drop_fat_tumours,
-    drop_small_tumours, drop_tumour_outside_liver, keep_largest_liver, tumour_components,
+    contrast_z, drop_body_wall_tumours, drop_end_slice_tumours, drop_extrahepatic_tumours,
+    drop_fat_tumours, drop_small_tumours, drop_tumour_outside_liver, keep_largest_liver,
+    tumour_components,
 };
 pub use refine::refine_tumour_extents;
 pub use regularise::regularise_tumour_outlines;

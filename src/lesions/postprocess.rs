@@ -219,6 +219,91 @@ pub fn drop_extrahepatic_tumours(mask: &mut LabelVolume, max_share: f64) -> usiz
     drop.iter().filter(|&&d| d).count()
 }
 
+/// Air: below this CT value (HU).
+const AIR_HU: f32 = -500.0;
+/// Fat: from air up to this CT value (HU).
+const FAT_HU: f32 = -30.0;
+/// Subcutaneous fat starts within this distance (mm, in-plane) of the air outside the body:
+/// the skin between them is a few millimetres thick.
+const SKIN_MM: f64 = 5.0;
+
+/// Relabels as background every tumour component (26-connected) that touches subcutaneous
+/// fat in-plane (itself or one of its 8 neighbours in a slice): the liver lies inside the
+/// abdominal wall, so what touches the fat outside that wall is the wall's own muscle, which
+/// the network's liver took in and whose density is a lesion's. Subcutaneous fat is, slice
+/// by slice, the fat (`AIR_HU`..`FAT_HU`) connected in-plane (8-connected, through fat) to
+/// fat within `SKIN_MM` of the air outside the body (air connected to the slice's border);
+/// fat inside the abdomen is walled off from it by muscle. Returns the number dropped.
+pub fn drop_body_wall_tumours(mask: &mut LabelVolume, ct: &CtVolume) -> usize {
+    if ct.geometry().shape() != mask.geometry().shape() {
+        return 0;
+    }
+    let [nx, ny, _] = mask.geometry().shape();
+    let s = mask.geometry().spacing_mm();
+    let comps = tumour_components(mask);
+    let mut wall = vec![false; comps.count() + 1];
+    // Runs come in linear order: each slice's fat is worked out once, when first needed.
+    let mut slice: Option<(usize, Vec<bool>)> = None;
+    for (r, l) in comps.runs() {
+        let (y, z) = (r.row as usize % ny, r.row as usize / ny);
+        if slice.as_ref().is_none_or(|(k, _)| *k != z) {
+            let hu = &ct.hu()[nx * ny * z..nx * ny * (z + 1)];
+            slice = Some((z, subcutaneous_fat(hu, [nx, ny], [s[0], s[1]])));
+        }
+        let fat = &slice.as_ref().expect("set above").1;
+        if wall[l as usize] {
+            continue;
+        }
+        let (y0, y1) = (y.saturating_sub(1), (y + 1).min(ny - 1));
+        let (x0, x1) = (
+            (r.start as usize).saturating_sub(1),
+            (r.end as usize).min(nx - 1),
+        );
+        wall[l as usize] = (y0..=y1).any(|yy| fat[nx * yy + x0..=nx * yy + x1].contains(&true));
+    }
+    comps.fill(mask.labels_mut(), |l| wall[l as usize], label::BACKGROUND);
+    wall.iter().filter(|&&w| w).count()
+}
+
+/// The subcutaneous fat of one slice of `shape` CT values (see [`drop_body_wall_tumours`]).
+fn subcutaneous_fat(hu: &[f32], shape: [usize; 2], spacing: [f64; 2]) -> Vec<bool> {
+    let [nx, ny] = shape;
+    let grid = [nx, ny, 1];
+    let (air, fat) = (2u8, 1u8);
+    let class: Vec<u8> = hu
+        .iter()
+        .map(|&h| match h {
+            h if h < AIR_HU => air,
+            h if h < FAT_HU => fat,
+            _ => 0,
+        })
+        .collect();
+    let pockets = Components::label(&class, grid, |v| v == air, Connectivity::TwentySix);
+    let boxes = pockets.bounding_boxes();
+    let mut outside = vec![0u8; nx * ny];
+    pockets.fill(
+        &mut outside,
+        |l| {
+            let (lo, hi) = boxes[l as usize];
+            lo[0] == 0 || lo[1] == 0 || hi[0] + 1 == nx || hi[1] + 1 == ny
+        },
+        1,
+    );
+    let outside: Vec<bool> = outside.iter().map(|&v| v == 1).collect();
+    let to_air = squared_distance(&outside, grid, [spacing[0], spacing[1], 1.0]);
+    let layers = Components::label(&class, grid, |v| v == fat, Connectivity::TwentySix);
+    let mut under_skin = vec![false; layers.count() + 1];
+    for (r, l) in layers.runs() {
+        let row = nx * r.row as usize;
+        if (r.start as usize..r.end as usize).any(|x| to_air[row + x] <= SKIN_MM * SKIN_MM) {
+            under_skin[l as usize] = true;
+        }
+    }
+    let mut out = vec![0u8; nx * ny];
+    layers.fill(&mut out, |l| under_skin[l as usize], 1);
+    out.iter().map(|&v| v == 1).collect()
+}
+
 /// Copies of a component's shape that [`contrast_z`] places in lesion-free liver.
 const CONTRAST_COPIES: usize = 200;
 
@@ -444,6 +529,55 @@ mod tests {
             _ => 0,
         });
         assert_eq!(drop_end_slice_tumours(&mut m2, 1.0), 0);
+    }
+
+    #[test]
+    fn tumour_touching_subcutaneous_fat_is_dropped() {
+        // One 30 × 30 slice of 1 mm pixels, rings from the border inward: air (2 pixels),
+        // skin, fat (3), muscle (3), liver. The network's liver took in the muscle. Inside
+        // the liver, a gas pocket (x 14–15, y 20–21) with fat around it. Tumour A lies in
+        // the muscle against the fat under the skin; tumour C against the fat around the gas.
+        let ring = |i: usize, j: usize| i.min(j).min(29 - i).min(29 - j);
+        let pocket = |i: usize, j: usize| (13..=16).contains(&i) && (19..=22).contains(&j);
+        let gas = |i: usize, j: usize| (14..=15).contains(&i) && (20..=21).contains(&j);
+        let a = |i: usize, j: usize| (6..=7).contains(&i) && (10..=13).contains(&j);
+        let c = |i: usize, j: usize| (17..=18).contains(&i) && (20..=21).contains(&j);
+        let mut m = mask([30, 30, 1], |i, j, _| match ring(i, j) {
+            _ if a(i, j) || c(i, j) => 2,
+            0..=5 => 0,
+            _ => 1,
+        });
+        let hu_of = |air: f32| -> Vec<f32> {
+            let g = m.geometry();
+            let mut hu = vec![0.0; g.len()];
+            for j in 0..30 {
+                for i in 0..30 {
+                    hu[g.index(i, j, 0)] = match ring(i, j) {
+                        _ if gas(i, j) => -1000.0,
+                        _ if pocket(i, j) => -100.0,
+                        0..=1 => air,
+                        2 => 40.0,
+                        3..=5 => -100.0,
+                        6..=8 => 52.0,
+                        _ => 60.0,
+                    };
+                }
+            }
+            hu
+        };
+        let g = m.geometry().clone();
+        // Without air outside the body (a body that fills the image), no fat is known to be
+        // under the skin: nothing goes.
+        let filled = CtVolume::new(g.clone(), hu_of(40.0)).unwrap();
+        assert_eq!(drop_body_wall_tumours(&mut m.clone(), &filled), 0);
+        let ct = CtVolume::new(g.clone(), hu_of(-1000.0)).unwrap();
+        assert_eq!(drop_body_wall_tumours(&mut m, &ct), 1);
+        assert_eq!(
+            m.labels()[g.index(6, 11, 0)],
+            label::BACKGROUND,
+            "A dropped"
+        );
+        assert_eq!(m.labels()[g.index(17, 20, 0)], label::TUMOUR, "C kept");
     }
 
     #[test]

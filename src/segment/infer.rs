@@ -683,6 +683,7 @@ pub fn candidates(
     lesions::find_missed_lesions(&mut mask, ct, opts.tumour_detect_z);
     lesions::refine_tumour_extents(&mut mask, ct, opts.tumour_refine_mm);
     lesions::drop_fat_tumours(&mut mask, ct);
+    lesions::drop_body_wall_tumours(&mut mask, ct);
     lesions::drop_extrahepatic_tumours(&mut mask, opts.max_outside_share);
     lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
     mask
