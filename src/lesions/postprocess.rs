@@ -176,13 +176,8 @@ pub fn drop_extrahepatic_tumours(mask: &mut LabelVolume, max_share: f64) -> usiz
     if max_share >= 1.0 {
         return 0;
     }
-    let g = mask.geometry().clone();
-    let [nx, ny, nz] = g.shape();
-    let s = g.spacing_mm();
+    let ([nx, ny, nz], s) = (mask.geometry().shape(), mask.geometry().spacing_mm());
     let comps = tumour_components(mask);
-    if comps.count() == 0 {
-        return 0;
-    }
     // Face areas across x, y and z, and each axis's step and extent.
     let area = [s[1] * s[2], s[0] * s[2], s[0] * s[1]];
     let step = [1, nx, nx * ny];
