@@ -653,6 +653,7 @@ pub fn mask_from(
     }
     // Last, each remaining lesion's outline is redrawn as the one of least energy.
     if lesions::regularise_tumour_outlines(&mut mask, ct, opts.tumour_smooth) > 0 {
+        lesions::drop_fat_tumours(&mut mask, ct);
         lesions::drop_small_tumours(&mut mask, opts.min_tumour_ml);
     }
     mask
