@@ -6,8 +6,8 @@
 //! a lightly smoothed CT, recovers the boundary the CT itself shows.
 
 use super::Components;
-use super::postprocess::{median, tumour_components};
-use super::surroundings::{Box3, MIN_CONTRAST_HU, SHELL_MM, Surroundings};
+use super::postprocess::median;
+use super::surroundings::{Drawn, MIN_CONTRAST_HU, SHELL_MM};
 use crate::lesions::Connectivity;
 use crate::volume::blur::gaussian_blur;
 use crate::volume::edt::squared_distance;
@@ -49,28 +49,17 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
     if grow_mm.is_nan() || grow_mm <= 0.0 || ct.geometry().shape() != mask.geometry().shape() {
         return 0;
     }
-    let comps = tumour_components(mask);
-    if comps.count() == 0 {
+    let Some(drawn) = Drawn::new(mask) else {
         return 0;
-    }
-    let shape = mask.geometry().shape();
-    let spacing = mask.geometry().spacing_mm();
-    let ids = comps.label_volume();
-    let voxel_mm3 = mask.geometry().voxel_volume_mm3();
-    let original = mask.labels().to_vec();
-    let boxes = comps.bounding_boxes();
+    };
+    let spacing = drawn.spacing;
     let reach = grow_mm + RIM_MM;
-    let diagonal = spacing.iter().map(|s| s * s).sum::<f64>().sqrt();
+    // Voxels that may join lie within `reach` of a component; a rival that matters to one of
+    // them lies within 2·reach + a diagonal. The smoothing needs 3σ more.
+    let margin_mm = (2.0 * reach + drawn.diagonal).max(RIM_SHELL_MM.1) + 3.0 * SMOOTH_MM;
     let mut changed = 0;
-    for l in 1..=comps.count() as u32 {
-        // Voxels that may join lie within `reach` of the component; a rival that matters to
-        // one of them lies within 2·reach + a diagonal. The smoothing needs 3σ more.
-        let (lo, hi) = boxes[l as usize];
-        let b = Box3::around(lo, hi, shape, |t| {
-            let margin = (2.0 * reach + diagonal).max(RIM_SHELL_MM.1) + 3.0 * SMOOTH_MM;
-            (margin / spacing[t]).ceil() as usize + 1
-        });
-        let around = Surroundings::new(b, shape, spacing, &ids, l, &original, ct);
+    for l in drawn.components() {
+        let around = drawn.around(l, margin_mm, ct);
         let n = around.b.len();
         let Some(liver_hu) = around.liver_median(SHELL_MM) else {
             continue;
@@ -85,7 +74,7 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         // liver beyond it.
         let far_hu = around.liver_median(RIM_SHELL_MM).unwrap_or(liver_hu);
         let smooth = gaussian_blur(around.hu.clone(), around.b.shape, sigma);
-        let (owned, d_this) = around.owned(spacing, diagonal);
+        let (owned, d_this) = around.owned();
         let this = &around.this;
 
         let grow2 = grow_mm * grow_mm;
@@ -100,7 +89,7 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         let dark: Vec<bool> = (0..n).map(|i| dark[i] && (this[i] || opened[i])).collect();
         // The dark parts the component overlaps much (a part that only grazes it, where the
         // component's own non-dark voxels bridged to it, would become a speck of its own).
-        let Some(core) = around.carrying_parts(&dark, voxel_mm3) else {
+        let Some(core) = around.carrying_parts(&dark) else {
             continue;
         };
         // Distances to the core within its slices: on thick slices a bright vessel in the
@@ -123,7 +112,7 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         }
         // Rim pieces cut off from the core are not this lesion's.
         let new = around.touching(&new, &core);
-        around.write(&new, shape, mask.labels_mut());
+        around.write(&new, mask.labels_mut());
         changed += 1;
     }
     changed
@@ -229,6 +218,7 @@ fn square_filter(mask: &[bool], shape: [usize; 3], any: bool) -> Vec<bool> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::postprocess::tumour_components;
     use super::super::surroundings::test_study as study;
     use super::*;
     use crate::volume::label;

@@ -5,8 +5,8 @@
 //! beside it; the outline of least energy is smooth where the CT does not insist otherwise.
 
 use super::mincut::CutGraph;
-use super::postprocess::{median, tumour_components};
-use super::surroundings::{Box3, MIN_CONTRAST_HU, SHELL_MM, Surroundings};
+use super::postprocess::median;
+use super::surroundings::{Drawn, MIN_CONTRAST_HU, SHELL_MM};
 use crate::volume::{CtVolume, LabelVolume};
 
 /// How far (mm) beyond a component its outline may move.
@@ -35,22 +35,13 @@ pub fn regularise_tumour_outlines(mask: &mut LabelVolume, ct: &CtVolume, smoothn
     {
         return 0;
     }
-    let comps = tumour_components(mask);
-    let shape = mask.geometry().shape();
-    let spacing = mask.geometry().spacing_mm();
-    let ids = comps.label_volume();
-    let original = mask.labels().to_vec();
-    let voxel_mm3 = mask.geometry().voxel_volume_mm3();
-    let boxes = comps.bounding_boxes();
-    let diagonal = spacing.iter().map(|s| s * s).sum::<f64>().sqrt();
+    let Some(drawn) = Drawn::new(mask) else {
+        return 0;
+    };
+    let margin_mm = (2.0 * REACH_MM + drawn.diagonal).max(SHELL_MM.1);
     let mut changed = 0;
-    for l in 1..=comps.count() as u32 {
-        let (lo, hi) = boxes[l as usize];
-        let b = Box3::around(lo, hi, shape, |t| {
-            let margin = (2.0 * REACH_MM + diagonal).max(SHELL_MM.1);
-            (margin / spacing[t]).ceil() as usize + 1
-        });
-        let around = Surroundings::new(b, shape, spacing, &ids, l, &original, ct);
+    for l in drawn.components() {
+        let around = drawn.around(l, margin_mm, ct);
         let n = around.b.len();
         let Some(mut shell) = around.liver_values(SHELL_MM) else {
             continue;
@@ -65,7 +56,7 @@ pub fn regularise_tumour_outlines(mask: &mut LabelVolume, ct: &CtVolume, smoothn
         let (this, hu) = (&around.this, &around.hu);
 
         // The voxels whose label is open: those the component may own, within reach.
-        let (owned, d_this) = around.owned(spacing, diagonal);
+        let (owned, d_this) = around.owned();
         let open: Vec<bool> = (0..n)
             .map(|i| owned[i] && d_this[i] <= REACH_MM * REACH_MM)
             .collect();
@@ -115,7 +106,7 @@ pub fn regularise_tumour_outlines(mask: &mut LabelVolume, ct: &CtVolume, smoothn
         let cut: Vec<bool> = (0..n).map(|i| open[i] && side[node[i]]).collect();
         // The parts of the cut that carry the component; what else it leaves are specks of
         // noise.
-        let Some(main) = around.carrying_parts(&cut, voxel_mm3) else {
+        let Some(main) = around.carrying_parts(&cut) else {
             continue;
         };
         // The component's voxels brighter than its liver (an enhancing rim, which the
@@ -125,7 +116,7 @@ pub fn regularise_tumour_outlines(mask: &mut LabelVolume, ct: &CtVolume, smoothn
             .map(|i| main[i] || (this[i] && hu[i] > liver_hu))
             .collect();
         let lesion = around.touching(&with_rim, &main);
-        around.write(&lesion, shape, mask.labels_mut());
+        around.write(&lesion, mask.labels_mut());
         changed += 1;
     }
     changed

@@ -1,12 +1,13 @@
 //! A tumour component and its surroundings, copied out of the volume into a box: what the two
-//! steps that redraw a lesion from the CT (`refine`, `regularise`) share — the liver around
-//! the component, which voxels it may take, and which parts of a new extent carry it.
+//! steps that redraw a lesion from the CT (`refine`, `regularise`) share — the mask's
+//! components as drawn before the step (`Drawn`), and for each (`Surroundings`) the liver
+//! around it, which voxels it may take, and which parts of a new extent carry it.
 
 use super::Components;
-use super::postprocess::median;
+use super::postprocess::{median, tumour_components};
 use crate::lesions::Connectivity;
 use crate::volume::edt::squared_distance;
-use crate::volume::{CtVolume, label};
+use crate::volume::{CtVolume, LabelVolume, label};
 
 /// The liver a component is compared with: parenchyma (label 1) in its own slices, more than
 /// `SHELL_MM.0` and at most `SHELL_MM.1` millimetres from it in-plane.
@@ -29,7 +30,7 @@ pub(super) struct Box3 {
 
 impl Box3 {
     /// The bounds `lo..=hi` grown by `margin(axis)` voxels, clipped to the volume.
-    pub(super) fn around(
+    fn around(
         lo: [usize; 3],
         hi: [usize; 3],
         volume: [usize; 3],
@@ -65,9 +66,81 @@ impl Box3 {
     }
 }
 
-/// Component `l` of `ids` in box `b`: for every voxel of the box its CT value, its label in
-/// `labels`, whether it is the component's or another's, and its squared in-plane distance
-/// (mm²) to the component.
+/// A mask's tumour components as drawn before a redrawing step changes any of them: the
+/// labels, each voxel's component and each component's bounds, and the grid.
+pub(super) struct Drawn {
+    count: u32,
+    ids: Vec<u32>,
+    labels: Vec<u8>,
+    boxes: Vec<([usize; 3], [usize; 3])>,
+    shape: [usize; 3],
+    pub(super) spacing: [f64; 3],
+    /// The length of a voxel's diagonal (mm).
+    pub(super) diagonal: f64,
+    voxel_mm3: f64,
+}
+
+impl Drawn {
+    /// None when the mask holds no tumour.
+    pub(super) fn new(mask: &LabelVolume) -> Option<Self> {
+        let comps = tumour_components(mask);
+        if comps.count() == 0 {
+            return None;
+        }
+        let g = mask.geometry();
+        let spacing = g.spacing_mm();
+        Some(Self {
+            count: comps.count() as u32,
+            ids: comps.label_volume(),
+            labels: mask.labels().to_vec(),
+            boxes: comps.bounding_boxes(),
+            shape: g.shape(),
+            spacing,
+            diagonal: spacing.iter().map(|s| s * s).sum::<f64>().sqrt(),
+            voxel_mm3: g.voxel_volume_mm3(),
+        })
+    }
+
+    /// The components, by label: 1 to their count.
+    pub(super) fn components(&self) -> std::ops::RangeInclusive<u32> {
+        1..=self.count
+    }
+
+    /// Component `l` in its bounds grown by `margin_mm` (and a voxel), clipped to the volume.
+    pub(super) fn around(&self, l: u32, margin_mm: f64, ct: &CtVolume) -> Surroundings {
+        let (lo, hi) = self.boxes[l as usize];
+        let b = Box3::around(lo, hi, self.shape, |t| {
+            (margin_mm / self.spacing[t]).ceil() as usize + 1
+        });
+        let n = b.len();
+        let mut s = Surroundings {
+            b,
+            this: vec![false; n],
+            rival: vec![false; n],
+            labels: vec![0u8; n],
+            hu: vec![0f32; n],
+            in_plane: Vec::new(),
+            volume: self.shape,
+            spacing: self.spacing,
+            diagonal: self.diagonal,
+            voxel_mm3: self.voxel_mm3,
+        };
+        s.b.for_each(self.shape, |i, g| {
+            let id = self.ids[g];
+            s.this[i] = id == l;
+            s.rival[i] = id != 0 && id != l;
+            s.labels[i] = self.labels[g];
+            s.hu[i] = ct.hu()[g];
+        });
+        let sp = self.spacing;
+        s.in_plane = squared_distance(&s.this, s.b.shape, [sp[0], sp[1], 1e6]);
+        s
+    }
+}
+
+/// One component of a [`Drawn`] in box `b`: for every voxel of the box its CT value, its
+/// label as drawn, whether it is the component's or another's, and its squared in-plane
+/// distance (mm²) to the component.
 pub(super) struct Surroundings {
     pub(super) b: Box3,
     pub(super) this: Vec<bool>,
@@ -75,37 +148,13 @@ pub(super) struct Surroundings {
     pub(super) labels: Vec<u8>,
     pub(super) hu: Vec<f32>,
     pub(super) in_plane: Vec<f64>,
+    volume: [usize; 3],
+    spacing: [f64; 3],
+    diagonal: f64,
+    voxel_mm3: f64,
 }
 
 impl Surroundings {
-    pub(super) fn new(
-        b: Box3,
-        shape: [usize; 3],
-        spacing: [f64; 3],
-        ids: &[u32],
-        l: u32,
-        labels: &[u8],
-        ct: &CtVolume,
-    ) -> Self {
-        let n = b.len();
-        let mut s = Self {
-            b,
-            this: vec![false; n],
-            rival: vec![false; n],
-            labels: vec![0u8; n],
-            hu: vec![0f32; n],
-            in_plane: Vec::new(),
-        };
-        s.b.for_each(shape, |i, g| {
-            s.this[i] = ids[g] == l;
-            s.rival[i] = ids[g] != 0 && ids[g] != l;
-            s.labels[i] = labels[g];
-            s.hu[i] = ct.hu()[g];
-        });
-        s.in_plane = squared_distance(&s.this, s.b.shape, [spacing[0], spacing[1], 1e6]);
-        s
-    }
-
     /// CT values of the liver parenchyma in the component's slices, more than `mm.0` and at
     /// most `mm.1` from it in-plane; None with fewer than `SHELL_MIN_VOXELS`.
     pub(super) fn liver_values(&self, mm: (f64, f64)) -> Option<Vec<f32>> {
@@ -134,12 +183,13 @@ impl Surroundings {
     }
 
     /// Which voxels the component may own: liver or tumour, and the component's own or nearer
-    /// to it than to any other component by more than `margin_mm` (a voxel diagonal: two
-    /// components never grow into touching, merging extents). Also returns the squared
-    /// distances (mm²) to the component.
-    pub(super) fn owned(&self, spacing: [f64; 3], margin_mm: f64) -> (Vec<bool>, Vec<f64>) {
-        let d_this = squared_distance(&self.this, self.b.shape, spacing);
-        let d_rival = squared_distance(&self.rival, self.b.shape, spacing);
+    /// to it than to any other component by more than a voxel diagonal (two components never
+    /// grow into touching, merging extents). Also returns the squared distances (mm²) to the
+    /// component.
+    pub(super) fn owned(&self) -> (Vec<bool>, Vec<f64>) {
+        let d_this = squared_distance(&self.this, self.b.shape, self.spacing);
+        let d_rival = squared_distance(&self.rival, self.b.shape, self.spacing);
+        let margin_mm = self.diagonal;
         let owned = (0..self.hu.len())
             .map(|i| {
                 self.labels[i] >= label::LIVER
@@ -152,7 +202,7 @@ impl Surroundings {
     /// The 26-connected parts of `extent` that carry the component: those overlapping it by
     /// at least a `CARRY_SHARE_DIVISOR`th of the largest overlap, or by `CARRY_MIN_MM3`. A
     /// part that only grazes it would become a speck of its own. None when no part overlaps.
-    pub(super) fn carrying_parts(&self, extent: &[bool], voxel_mm3: f64) -> Option<Vec<bool>> {
+    pub(super) fn carrying_parts(&self, extent: &[bool]) -> Option<Vec<bool>> {
         let bytes: Vec<u8> = extent.iter().map(|&v| u8::from(v)).collect();
         let parts = Components::label(&bytes, self.b.shape, |v| v == 1, Connectivity::TwentySix);
         let part = parts.label_volume();
@@ -169,7 +219,7 @@ impl Surroundings {
                     let o = overlap[p as usize];
                     p != 0
                         && (o * CARRY_SHARE_DIVISOR >= most
-                            || o as f64 * voxel_mm3 >= CARRY_MIN_MM3)
+                            || o as f64 * self.voxel_mm3 >= CARRY_MIN_MM3)
                 })
                 .collect()
         })
@@ -190,8 +240,8 @@ impl Surroundings {
     }
 
     /// Writes the new extent: its voxels become tumour, the component's others liver.
-    pub(super) fn write(&self, extent: &[bool], shape: [usize; 3], out: &mut [u8]) {
-        self.b.for_each(shape, |i, g| {
+    pub(super) fn write(&self, extent: &[bool], out: &mut [u8]) {
+        self.b.for_each(self.volume, |i, g| {
             if extent[i] {
                 out[g] = label::TUMOUR;
             } else if self.this[i] {
