@@ -11,7 +11,7 @@ use super::surroundings::{Drawn, MIN_CONTRAST_HU, SHELL_MM};
 use crate::lesions::Connectivity;
 use crate::volume::blur::gaussian_blur;
 use crate::volume::edt::squared_distance;
-use crate::volume::{CtVolume, LabelVolume};
+use crate::volume::{CtVolume, LabelVolume, label};
 
 /// Where between the component's median (0) and its shell's (1) the boundary lies.
 const THRESHOLD_FRACTION: f32 = 0.5;
@@ -40,7 +40,9 @@ const CLOSE_MM: f64 = 3.6;
 /// voxels next to that core brighter than the liver by `RIM_HU` its rim (rim-enhancing
 /// lesions); that extent is closed in-plane with a disc of `CLOSE_MM` and the liver it
 /// encloses in a slice joins it. A component's voxels outside the new extent become liver.
-/// Tumour only ever takes liver (label 1) voxels, so it stays inside the liver; each
+/// Tumour takes liver (label 1) voxels, and background voxels as dark as the lesion (within
+/// the threshold's distance of its median: the part of a lesion at the liver's surface that
+/// the network's liver cut off), never fat, air, vessels or organs as bright as the liver; each
 /// component grows only into voxels nearer to it than to any other component (by a voxel
 /// diagonal), so neighbours never merge by growing. Components with no shell, too little
 /// contrast (< `MIN_CONTRAST_HU`) or no dark voxel of their own keep the network's extent.
@@ -74,7 +76,14 @@ pub fn refine_tumour_extents(mask: &mut LabelVolume, ct: &CtVolume, grow_mm: f64
         // liver beyond it.
         let far_hu = around.liver_median(RIM_SHELL_MM).unwrap_or(liver_hu);
         let smooth = gaussian_blur(around.hu.clone(), around.b.shape, sigma);
-        let (owned, d_this) = around.owned();
+        // Where the network's liver cuts through a lesion at its surface, the part it left
+        // out is background as dark as the lesion: the lesion may take background voxels
+        // whose smoothed CT lies as near its median as the threshold does — never fat, air,
+        // vessels or organs as bright as the liver.
+        let lowest = lesion_hu - (threshold - lesion_hu);
+        let (owned, d_this) = around.owned_or(|i| {
+            around.labels[i] == label::BACKGROUND && smooth[i] > lowest && smooth[i] < threshold
+        });
         let this = &around.this;
 
         let grow2 = grow_mm * grow_mm;
@@ -369,9 +378,44 @@ mod tests {
     }
 
     #[test]
+    fn the_part_of_a_surface_lesion_the_network_called_background_joins() {
+        // A 20 HU disc of radius 7 at (26, 20), the liver ending at x = 33 (the disc clipped
+        // by it); beyond, fat at y < 20 and an organ as bright as the liver at y ≥ 20. The
+        // network's liver stops at x = 27, its tumour is the disc's middle on its side.
+        let (mut m, ct) = study(
+            |x, y, z| {
+                if x >= 34 {
+                    Some(if y < 20 { -100.0 } else { 60.0 })
+                } else {
+                    (r(x, y, z, 26.0, 20.0) <= 7.0).then_some(20.0)
+                }
+            },
+            |x, y, z| r(x, y, z, 26.0, 20.0) <= 4.0 && x <= 27,
+        );
+        let g = m.geometry().clone();
+        for z in 0..5 {
+            for y in 0..40 {
+                for x in 28..40 {
+                    m.labels_mut()[g.index(x, y, z)] = label::BACKGROUND;
+                }
+            }
+        }
+        assert_eq!(refine_tumour_extents(&mut m, &ct, 6.0), 1);
+        let (cut_off, all) = tumour_where(&m, |x, y, z| {
+            (28..=31).contains(&x) && r(x, y, z, 26.0, 20.0) <= 5.5
+        });
+        assert_eq!(cut_off, all, "the part called background is tumour");
+        let (beyond, _) = tumour_where(&m, |x, _, _| x >= 34);
+        assert_eq!(beyond, 0, "neither the fat nor the bright organ");
+        let (liver, _) = tumour_where(&m, |x, y, z| x >= 28 && r(x, y, z, 26.0, 20.0) > 8.0);
+        assert_eq!(liver, 0, "nor background as bright as the liver");
+    }
+
+    #[test]
     fn neighbours_do_not_merge_by_growing_and_tumour_stays_in_the_liver() {
         // One dark band from x 8 to 31 (y 17..=23); the network drew two components at its
-        // ends. Background (label 0) at y ≥ 30 stays background though it is dark too.
+        // ends. Background (label 0) at y ≥ 30 stays background though it is dark too: liver
+        // as bright as the liver's median lies between.
         let band = |x: usize, y: usize, z: usize| {
             (1..=3).contains(&z) && (8..=31).contains(&x) && (17..=23).contains(&y)
         };

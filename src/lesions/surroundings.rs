@@ -187,12 +187,17 @@ impl Surroundings {
     /// grow into touching, merging extents). Also returns the squared distances (mm²) to the
     /// component.
     pub(super) fn owned(&self) -> (Vec<bool>, Vec<f64>) {
+        self.owned_or(|_| false)
+    }
+
+    /// `owned`, with the background voxels for which `background(i)` holds taken as liver.
+    pub(super) fn owned_or(&self, background: impl Fn(usize) -> bool) -> (Vec<bool>, Vec<f64>) {
         let d_this = squared_distance(&self.this, self.b.shape, self.spacing);
         let d_rival = squared_distance(&self.rival, self.b.shape, self.spacing);
         let margin_mm = self.diagonal;
         let owned = (0..self.hu.len())
             .map(|i| {
-                self.labels[i] >= label::LIVER
+                (self.labels[i] >= label::LIVER || background(i))
                     && (self.this[i] || d_this[i].sqrt() + margin_mm < d_rival[i].sqrt())
             })
             .collect();
