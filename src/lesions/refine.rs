@@ -256,6 +256,20 @@ mod tests {
         (hit, all)
     }
 
+    /// Labels background the voxels of every slice where `f(x, y)` holds.
+    fn background_where(m: &mut LabelVolume, f: impl Fn(usize, usize) -> bool) {
+        let g = m.geometry().clone();
+        for z in 0..5 {
+            for y in 0..40 {
+                for x in 0..40 {
+                    if f(x, y) {
+                        m.labels_mut()[g.index(x, y, z)] = label::BACKGROUND;
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_lesion_drawn_too_small_takes_the_extent_the_ct_shows() {
         // A 20 HU disc of radius 7 mm; the network found only its middle (radius 3).
@@ -392,14 +406,7 @@ mod tests {
             },
             |x, y, z| r(x, y, z, 26.0, 20.0) <= 4.0 && x <= 27,
         );
-        let g = m.geometry().clone();
-        for z in 0..5 {
-            for y in 0..40 {
-                for x in 28..40 {
-                    m.labels_mut()[g.index(x, y, z)] = label::BACKGROUND;
-                }
-            }
-        }
+        background_where(&mut m, |x, _| x >= 28);
         assert_eq!(refine_tumour_extents(&mut m, &ct, 6.0), 1);
         let (cut_off, all) = tumour_where(&m, |x, y, z| {
             (28..=31).contains(&x) && r(x, y, z, 26.0, 20.0) <= 5.5
@@ -423,14 +430,7 @@ mod tests {
             |x, y, z| (band(x, y, z) || y >= 30).then_some(15.0),
             |x, y, z| band(x, y, z) && (x <= 11 || x >= 28),
         );
-        let g = m.geometry().clone();
-        for z in 0..5 {
-            for y in 30..40 {
-                for x in 0..40 {
-                    m.labels_mut()[g.index(x, y, z)] = label::BACKGROUND;
-                }
-            }
-        }
+        background_where(&mut m, |_, y| y >= 30);
         // 10 mm of growth would make them meet at x ≈ 20.
         assert_eq!(refine_tumour_extents(&mut m, &ct, 10.0), 2);
         assert_eq!(tumour_components(&m).count(), 2, "still two lesions");
