@@ -276,8 +276,8 @@ pub struct InferArgs {
     #[arg(long, default_value_t = InferOptions::default().tumour_refine_mm)]
     pub tumour_refine_mm: f64,
     /// Small dark spots of the liver that the network left out (0.1–1 mL, at least 4.5 mm
-    /// inside the liver, denser than water) become tumour when the CT shows them this many
-    /// standard deviations darker than the liver around them (inf: never).
+    /// inside the liver or 30 HU darker than it, denser than water) become tumour when the CT
+    /// shows them this many standard deviations darker than the liver around them (inf: never).
     #[arg(long, default_value_t = InferOptions::default().tumour_detect_z)]
     pub tumour_detect_z: f64,
     /// Last step: each tumour component's outline is redrawn as the one of least energy (CT

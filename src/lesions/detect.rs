@@ -7,8 +7,9 @@
 //! difference is scored in units of its own spread over the study's liver — noise, texture
 //! and partial volume as this scan has them. A spot is kept as tumour only where it is
 //! unmistakable: a peak score well above anything noise or texture reach, away from the
-//! liver's surface (where partial volume with fat and neighbouring organs darkens the edge),
-//! not water- or fat-dense (gallbladder, fissures), and of a small lesion's size.
+//! liver's surface (where partial volume with fat and neighbouring organs darkens the edge)
+//! unless dark throughout, not water- or fat-dense (gallbladder, fissures), and of a small
+//! lesion's size.
 
 use super::Components;
 use super::postprocess::median;
@@ -35,10 +36,16 @@ const EDGE_MM: f64 = 3.0;
 const TUMOUR_GAP_MM: f64 = 6.0;
 /// A spot: 26-connected voxels scoring at least this.
 const SPOT_Z: f64 = 2.5;
-/// A spot's deepest point lies at least this far (mm, 3D) inside the liver …
-const SURFACE_MM: f64 = 4.5;
-/// … and is not water- or fat-dense (smoothed HU at least this).
+/// A spot's deepest point is not water- or fat-dense (smoothed HU at least this) …
 const MIN_HU: f32 = 10.0;
+/// … and lies at least this far (mm, 3D) inside the liver, …
+const SURFACE_MM: f64 = 4.5;
+/// … unless the spot is plainly darker than the liver, its median at least this many HU below
+/// the parenchyma's, with the surface that near in-plane, not above or below. Partial volume
+/// with what lies beyond the liver darkens a spot's deepest voxels but hardly its median; a
+/// small lesion at the surface is dark throughout. (The liver's last slices average it with the
+/// fat beyond: there the surface rule holds whatever the contrast.)
+const CLEAR_HU: f32 = 30.0;
 /// A spot's volume (mm³) lies in this range: smaller is noise, larger a dark region that
 /// the network saw and did not call (fissure, ligament).
 const VOLUME_MM3: (f64, f64) = (100.0, 1000.0);
@@ -186,16 +193,34 @@ fn search(
             }
         }
     }
-    let keep: Vec<bool> = (0..=comps.count())
+    let candidate: Vec<bool> = (0..=comps.count())
         .map(|l| {
             let Some(i) = peak[l] else { return false };
             let mm3 = sizes[l] as f64 * voxel_mm3;
-            z[i] >= min_z
-                && surface[i] >= SURFACE_MM * SURFACE_MM
-                && smooth[i] >= MIN_HU
-                && (VOLUME_MM3.0..=VOLUME_MM3.1).contains(&mm3)
+            z[i] >= min_z && smooth[i] >= MIN_HU && (VOLUME_MM3.0..=VOLUME_MM3.1).contains(&mm3)
         })
         .collect();
+    // A candidate whose deepest point lies nearer the surface than `SURFACE_MM` is kept only
+    // where that surface is beside it in-plane (not above or below it: the liver's last slices
+    // average it with the fat beyond) and its median is plainly dark.
+    let deep = |i: usize| surface[i] >= SURFACE_MM * SURFACE_MM;
+    let beside = |i: usize| edge[i] < SURFACE_MM * SURFACE_MM;
+    let mut values: Vec<Vec<f32>> = vec![Vec::new(); comps.count() + 1];
+    for (r, l) in comps.runs() {
+        let l = l as usize;
+        if candidate[l] && peak[l].is_some_and(|i| !deep(i) && beside(i)) {
+            let row = r.row as usize * nx;
+            values[l].extend((r.start as usize..r.end as usize).map(|x| hu[row + x]));
+        }
+    }
+    let mut keep = vec![false; comps.count() + 1];
+    for l in 0..=comps.count() {
+        keep[l] = match peak[l] {
+            Some(i) if candidate[l] && deep(i) => true,
+            Some(_) if !values[l].is_empty() => median(&mut values[l]) <= liver_hu - CLEAR_HU,
+            _ => false,
+        };
+    }
     let added = keep.iter().filter(|&&k| k).count();
     if added > 0 {
         comps.fill(labels, |l| keep[l as usize], label::TUMOUR);
@@ -289,6 +314,42 @@ mod tests {
         assert!(tumour_voxels(&mask).is_empty());
     }
 
+    /// The study of `study`, with an organ of nearly the liver's density (55 HU) instead of fat
+    /// beyond its edge at x < 4, as where the liver meets the kidney or the stomach.
+    fn beside_an_organ(spots: &[([f64; 3], f64, f32)]) -> (LabelVolume, CtVolume) {
+        let (mask, ct) = study(spots);
+        let hu = ct
+            .hu()
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| if i % 72 < 4 { v + 145.0 } else { v })
+            .collect();
+        (mask, CtVolume::new(ct.geometry().clone(), hu).unwrap())
+    }
+
+    #[test]
+    fn a_plainly_dark_spot_at_the_liver_s_surface_becomes_tumour() {
+        // 40 HU darker than the liver, centred 3.5 mm inside its edge: the spot's deepest point
+        // lies nearer the surface than `SURFACE_MM`, and its median decides.
+        let (mut mask, ct) = beside_an_organ(&[([6.5, 36.0, 7.0], 4.0, 20.0)]);
+        assert_eq!(find_missed_lesions(&mut mask, &ct, 5.0), 1);
+        let t = tumour_voxels(&mask);
+        assert!(t.iter().all(|&i| {
+            let (x, y, z) = (i % 72, (i / 72) % 72, i / (72 * 72));
+            (x as f64 - 6.5).powi(2) + (y as f64 - 36.0).powi(2) + (2.0 * (z as f64 - 7.0)).powi(2)
+                <= 36.0
+        }));
+        // The same spot 20 HU darker than the liver: partial volume with what lies beyond the
+        // liver looks like that near its surface, and it is left alone there …
+        let (mut mask, ct) = beside_an_organ(&[([6.5, 36.0, 7.0], 4.0, 40.0)]);
+        assert_eq!(find_missed_lesions(&mut mask, &ct, 5.0), 0);
+        // … but found deep inside the liver.
+        let (mut mask, ct) = beside_an_organ(&[([30.0, 36.0, 7.0], 4.0, 40.0)]);
+        assert_eq!(find_missed_lesions(&mut mask, &ct, 5.0), 1);
+        // (Near the liver's last slices the surface rule holds whatever the contrast: see
+        // `noise_faint_large_or_fluid_dark_regions_and_found_lesions_are_left_alone`.)
+    }
+
     #[test]
     fn the_search_on_the_liver_s_box_equals_the_search_on_the_whole_volume() {
         // The liver fills x, y 4–67 and slices 2–13 of 150 × 130 × 20: its box grown by the
@@ -329,7 +390,14 @@ mod tests {
             ("5 HU of contrast", ([30.0, 36.0, 6.0], 4.0, 55.0)),
             ("fluid density", ([30.0, 36.0, 6.0], 4.0, -5.0)),
             ("a large dark region", ([36.0, 36.0, 8.0], 9.0, 25.0)),
-            ("at the liver's edge", ([7.0, 36.0, 6.0], 5.0, 25.0)),
+            (
+                "at the liver's edge, beside fat",
+                ([7.0, 36.0, 6.0], 5.0, 25.0),
+            ),
+            (
+                "at the liver's edge, 15 HU of contrast",
+                ([7.0, 36.0, 6.0], 5.0, 45.0),
+            ),
             (
                 "4 mm from the liver's last slice",
                 ([36.0, 36.0, 3.0], 4.0, 25.0),
