@@ -193,34 +193,22 @@ fn search(
             }
         }
     }
-    let candidate: Vec<bool> = (0..=comps.count())
+    // A spot whose deepest point lies nearer the surface than `SURFACE_MM` is kept only where
+    // that surface is beside it in-plane (not above or below it: the liver's last slices
+    // average it with the fat beyond) and its median is plainly dark.
+    let mut values = comps.values(hu);
+    let keep: Vec<bool> = (0..=comps.count())
         .map(|l| {
             let Some(i) = peak[l] else { return false };
             let mm3 = sizes[l] as f64 * voxel_mm3;
-            z[i] >= min_z && smooth[i] >= MIN_HU && (VOLUME_MM3.0..=VOLUME_MM3.1).contains(&mm3)
+            z[i] >= min_z
+                && smooth[i] >= MIN_HU
+                && (VOLUME_MM3.0..=VOLUME_MM3.1).contains(&mm3)
+                && (surface[i] >= SURFACE_MM * SURFACE_MM
+                    || (edge[i] < SURFACE_MM * SURFACE_MM
+                        && median(&mut values[l]) <= liver_hu - CLEAR_HU))
         })
         .collect();
-    // A candidate whose deepest point lies nearer the surface than `SURFACE_MM` is kept only
-    // where that surface is beside it in-plane (not above or below it: the liver's last slices
-    // average it with the fat beyond) and its median is plainly dark.
-    let deep = |i: usize| surface[i] >= SURFACE_MM * SURFACE_MM;
-    let beside = |i: usize| edge[i] < SURFACE_MM * SURFACE_MM;
-    let mut values: Vec<Vec<f32>> = vec![Vec::new(); comps.count() + 1];
-    for (r, l) in comps.runs() {
-        let l = l as usize;
-        if candidate[l] && peak[l].is_some_and(|i| !deep(i) && beside(i)) {
-            let row = r.row as usize * nx;
-            values[l].extend((r.start as usize..r.end as usize).map(|x| hu[row + x]));
-        }
-    }
-    let mut keep = vec![false; comps.count() + 1];
-    for l in 0..=comps.count() {
-        keep[l] = match peak[l] {
-            Some(i) if candidate[l] && deep(i) => true,
-            Some(_) if !values[l].is_empty() => median(&mut values[l]) <= liver_hu - CLEAR_HU,
-            _ => false,
-        };
-    }
     let added = keep.iter().filter(|&&k| k).count();
     if added > 0 {
         comps.fill(labels, |l| keep[l as usize], label::TUMOUR);
