@@ -47,8 +47,10 @@ pub struct StudyScores {
     pub exemplars: Vec<Vec<Exemplar>>,
 }
 
-/// Post-processes one study's probabilities with every pair of `pairs` (in parallel) and scores
-/// the masks against its reference.
+/// Post-processes one study's probabilities with every pair of `pairs` and scores the masks
+/// against its reference: the same masks as [`infer::candidates`] with each pair, made once
+/// per tumour threshold (in parallel) up to the CT's say on each component, whose evidence
+/// serves every seed; seeds that drop the same components share the rest.
 pub fn score_study(
     ct: &CtVolume,
     truth: &LabelVolume,
@@ -56,19 +58,54 @@ pub fn score_study(
     opts: &InferOptions,
     pairs: &[(f32, f32)],
 ) -> StudyScores {
-    let (dice, exemplars) = pairs
+    let mut thresholds: Vec<f32> = pairs.iter().map(|p| p.0).collect();
+    thresholds.sort_by(f32::total_cmp);
+    thresholds.dedup();
+    // (pair index, Dice, exemplars) of each pair, grouped by tumour threshold.
+    type Scored = (usize, Option<f64>, Vec<Exemplar>);
+    let per_threshold: Vec<Vec<Scored>> = thresholds
         .par_iter()
-        .map(|&(t, seed)| {
-            // The components the filter judges: its exemplars, and the mask the pair is
-            // scored on (the outlines' last redrawing changes extents, not which lesions
-            // there are, and moved this choice only within the noise of three studies).
-            let pred = infer::candidates(maps, ct, opts, t, seed);
-            let exemplars = lesions::exemplars(&pred, ct, truth);
-            let c = metrics::tumour_counts(truth, &pred);
-            let dice = (c.truth + c.pred > 0).then(|| metrics::overlap(c).0);
-            (dice, exemplars)
+        .map(|&t| {
+            let group: Vec<usize> = (0..pairs.len()).filter(|&i| pairs[i].0 == t).collect();
+            let seeds: Vec<f32> = group.iter().map(|&i| pairs[i].1).collect();
+            let base = infer::thresholded(maps, ct, opts, t);
+            let evidence = infer::TumourEvidence::gather(
+                maps,
+                ct,
+                &base,
+                &seeds,
+                opts.tumour_confirm_z,
+                opts.tumour_sure_z,
+            );
+            let mut done: Vec<(Vec<bool>, Option<f64>, Vec<Exemplar>)> = Vec::new();
+            let mut out = Vec::with_capacity(group.len());
+            for (&i, &seed) in group.iter().zip(&seeds) {
+                let drop = evidence.verdict(seed, opts.tumour_confirm_z, opts.tumour_sure_z);
+                if let Some((_, dice, ex)) = done.iter().find(|d| d.0 == drop) {
+                    out.push((i, *dice, ex.clone()));
+                    continue;
+                }
+                let mut mask = base.clone();
+                evidence.apply(&mut mask, &drop);
+                // The components the filter judges: its exemplars, and the mask the pair is
+                // scored on (the outlines' last redrawing changes extents, not which lesions
+                // there are, and moved this choice only within the noise of three studies).
+                let pred = infer::after_confirmation(mask, ct, opts);
+                let exemplars = lesions::exemplars(&pred, ct, truth);
+                let c = metrics::tumour_counts(truth, &pred);
+                let dice = (c.truth + c.pred > 0).then(|| metrics::overlap(c).0);
+                out.push((i, dice, exemplars.clone()));
+                done.push((drop, dice, exemplars));
+            }
+            out
         })
-        .unzip();
+        .collect();
+    let mut dice = vec![None; pairs.len()];
+    let mut exemplars = vec![Vec::new(); pairs.len()];
+    for (i, d, e) in per_threshold.into_iter().flatten() {
+        dice[i] = d;
+        exemplars[i] = e;
+    }
     StudyScores { dice, exemplars }
 }
 
@@ -196,6 +233,77 @@ pub fn calibrate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::volume::label;
+    use crate::volume::phantom::{self, PhantomSpec, Rng};
+
+    #[test]
+    fn scoring_every_pair_at_once_gives_each_pair_its_own_mask() {
+        // A phantom with lesions, and noisy stride-2 maps drawn from its reference: lesions
+        // at tumour probabilities 0.3–0.85 (weak for the higher seeds), liver with false spots.
+        let spec = PhantomSpec {
+            shape: [128, 128, 12],
+            spacing_mm: Some([2.5, 2.5, 4.0]),
+            seed: 5,
+        };
+        let p = (0..16)
+            .map(|k| phantom::generate(&spec, k).unwrap())
+            .find(|p| p.lesions.len() >= 2)
+            .expect("a phantom with lesions");
+        let (ct, truth) = (&p.ct, &p.truth);
+        let [nx, ny, nz] = truth.geometry().shape();
+        let (nu, nv) = (nx / 2, ny / 2);
+        let mut rng = Rng::new(7, 0);
+        let mut probs = [Vec::new(), Vec::new(), Vec::new()];
+        for k in 0..nz {
+            for v in 0..nv {
+                for u in 0..nu {
+                    let l = truth.labels()[2 * u + nx * (2 * v + ny * k)];
+                    let t = match l {
+                        label::TUMOUR => rng.range(0.3, 0.85),
+                        label::LIVER if rng.unit() < 0.03 => rng.range(0.3, 0.99),
+                        label::LIVER => rng.range(0.0, 0.2),
+                        _ => 0.0,
+                    } as f32;
+                    let liver = if l == 0 { 0.05 } else { 1.0 - t };
+                    probs[0].push(1.0 - liver - t);
+                    probs[1].push(liver);
+                    probs[2].push(t);
+                }
+            }
+        }
+        let maps = ProbabilityMaps {
+            stride: 2,
+            scale: [1.0, 1.0],
+            x0: 0,
+            y0: 0,
+            nu,
+            nv,
+            nz,
+            probs,
+        };
+        let opts = InferOptions::default();
+        let pairs = threshold_pairs();
+        let scores = score_study(ct, truth, &maps, &opts, &pairs);
+        for (i, &(t, seed)) in pairs.iter().enumerate() {
+            let pred = infer::candidates(&maps, ct, &opts, t, seed);
+            let c = metrics::tumour_counts(truth, &pred);
+            let dice = (c.truth + c.pred > 0).then(|| metrics::overlap(c).0);
+            assert_eq!(scores.dice[i], dice, "pair {t}/{seed}");
+            assert_eq!(scores.exemplars[i], lesions::exemplars(&pred, ct, truth));
+        }
+        // The pairs differ, the seeds of one threshold too: not a comparison of empty masks.
+        let mut seen: Vec<u64> = scores.dice.iter().flatten().map(|d| d.to_bits()).collect();
+        seen.sort();
+        seen.dedup();
+        assert!(seen.len() >= 3, "{:?}", scores.dice);
+        let seeds_matter = pairs.iter().zip(&scores.dice).any(|(a, da)| {
+            pairs
+                .iter()
+                .zip(&scores.dice)
+                .any(|(b, db)| a.0 == b.0 && da != db)
+        });
+        assert!(seeds_matter, "{:?}", scores.dice);
+    }
 
     #[test]
     fn the_grid_keeps_its_order_and_ties_go_to_the_first_pair() {

@@ -572,40 +572,85 @@ pub fn confirm_tumours(
     confirm_z: f64,
     sure_z: f64,
 ) -> usize {
-    let shape = mask.geometry().shape();
-    let ny = shape[1];
-    let comps = lesions::tumour_components(mask);
-    let mut peak = vec![0.0f32; comps.count() + 1];
-    for (r, l) in comps.runs() {
-        let (y, k) = (r.row as usize % ny, r.row as usize / ny);
-        let p = &mut peak[l as usize];
-        for x in r.start as usize..r.end as usize {
-            if *p >= seed {
-                break;
+    let evidence = TumourEvidence::gather(maps, ct, mask, &[seed], confirm_z, sure_z);
+    let drop = evidence.verdict(seed, confirm_z, sure_z);
+    evidence.apply(mask, &drop)
+}
+
+/// What [`confirm_tumours`] weighs, for one mask and any of several seed thresholds: the tumour
+/// components, each one's peak probability and, where one of the seeds asks for it, its CT
+/// contrast. A component's contrast does not depend on the seed, so calibration gathers it
+/// once per tumour threshold and judges every seed from it.
+pub struct TumourEvidence {
+    comps: lesions::Components,
+    peak: Vec<f32>,
+    z: Vec<Option<f64>>,
+}
+
+impl TumourEvidence {
+    /// The evidence on `mask`'s tumour components that the verdicts for `seeds` need.
+    pub fn gather(
+        maps: &ProbabilityMaps,
+        ct: &CtVolume,
+        mask: &LabelVolume,
+        seeds: &[f32],
+        confirm_z: f64,
+        sure_z: f64,
+    ) -> Self {
+        let ny = mask.geometry().shape()[1];
+        let comps = lesions::tumour_components(mask);
+        // Peaks are only compared with the seeds: a run stops once it reaches the highest.
+        let top = seeds.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut peak = vec![0.0f32; comps.count() + 1];
+        for (r, l) in comps.runs() {
+            let (y, k) = (r.row as usize % ny, r.row as usize / ny);
+            let p = &mut peak[l as usize];
+            for x in r.start as usize..r.end as usize {
+                if *p >= top {
+                    break;
+                }
+                *p = p.max(probability_at(maps, 2, x, y, k));
             }
-            *p = p.max(probability_at(maps, 2, x, y, k));
         }
+        let asked = |l: u32| {
+            seeds.iter().any(|&seed| {
+                let n = if peak[l as usize] < seed {
+                    Some(confirm_z)
+                } else {
+                    (sure_z > 0.0).then_some(sure_z)
+                };
+                n.is_some_and(|n| n.is_finite())
+            })
+        };
+        let z = lesions::contrast_z(mask, ct, &comps, |l| l > 0 && asked(l));
+        TumourEvidence { comps, peak, z }
     }
-    let weak = |l: u32| l > 0 && peak[l as usize] < seed;
-    // The least z a component needs (None: not asked); an infinite one drops it unasked.
-    let needed = |l: u32| match (l > 0, weak(l)) {
-        (false, _) => None,
-        (true, true) => Some(confirm_z),
-        (true, false) => (sure_z > 0.0).then_some(sure_z),
-    };
-    let z = lesions::contrast_z(mask, ct, &comps, |l| {
-        needed(l).is_some_and(|n| n.is_finite())
-    });
-    let drop: Vec<bool> = (0..=comps.count() as u32)
-        .map(|l| match (needed(l), z[l as usize]) {
-            (None, _) => false,
-            // Weak: stays only where the CT confirms it; sure: goes only where it refutes it.
-            (Some(n), z) if weak(l) => !z.is_some_and(|z| z >= n),
-            (Some(n), z) => z.is_some_and(|z| z < n),
-        })
-        .collect();
-    comps.fill(mask.labels_mut(), |l| drop[l as usize], label::LIVER);
-    drop.iter().filter(|&&d| d).count()
+
+    /// Which components go (by label; index 0 unused) with seed threshold `seed`, one of the
+    /// seeds the evidence was gathered for: a weak one stays only where the CT confirms it
+    /// (none with an infinite `confirm_z`), a sure one goes only where the CT refutes it (none
+    /// with `sure_z` 0).
+    pub fn verdict(&self, seed: f32, confirm_z: f64, sure_z: f64) -> Vec<bool> {
+        let z = |l: usize, n: f64| if n.is_finite() { self.z[l] } else { None };
+        (0..=self.comps.count())
+            .map(|l| {
+                if l == 0 {
+                    false
+                } else if self.peak[l] < seed {
+                    !z(l, confirm_z).is_some_and(|z| z >= confirm_z)
+                } else {
+                    sure_z > 0.0 && z(l, sure_z).is_some_and(|z| z < sure_z)
+                }
+            })
+            .collect()
+    }
+
+    /// Turns the components `drop` marks into liver; returns how many.
+    pub fn apply(&self, mask: &mut LabelVolume, drop: &[bool]) -> usize {
+        self.comps
+            .fill(mask.labels_mut(), |l| drop[l as usize], label::LIVER);
+        drop.iter().filter(|&&d| d).count()
+    }
 }
 
 /// The two grid nodes around working-volume position `p` (pixels) of a grid starting at
@@ -668,10 +713,7 @@ pub fn candidates(
     tumour_threshold: f32,
     tumour_seed_threshold: f32,
 ) -> LabelVolume {
-    let labels = reassemble(maps, ct.geometry().shape(), tumour_threshold);
-    let mut mask = LabelVolume::new(ct.geometry().clone(), labels).expect("labels match the grid");
-    lesions::keep_largest_liver(&mut mask);
-    lesions::drop_tumour_outside_liver(&mut mask, opts.tumour_margin_mm);
+    let mut mask = thresholded(maps, ct, opts, tumour_threshold);
     confirm_tumours(
         maps,
         ct,
@@ -680,6 +722,31 @@ pub fn candidates(
         opts.tumour_confirm_z,
         opts.tumour_sure_z,
     );
+    after_confirmation(mask, ct, opts)
+}
+
+/// The first steps of [`candidates`], which the seed threshold does not enter: reassembly
+/// at `tumour_threshold`, the largest liver, tumour near it.
+pub fn thresholded(
+    maps: &ProbabilityMaps,
+    ct: &CtVolume,
+    opts: &InferOptions,
+    tumour_threshold: f32,
+) -> LabelVolume {
+    let labels = reassemble(maps, ct.geometry().shape(), tumour_threshold);
+    let mut mask = LabelVolume::new(ct.geometry().clone(), labels).expect("labels match the grid");
+    lesions::keep_largest_liver(&mut mask);
+    lesions::drop_tumour_outside_liver(&mut mask, opts.tumour_margin_mm);
+    mask
+}
+
+/// The steps of [`candidates`] after the CT's say on each component ([`confirm_tumours`]):
+/// they depend on the mask alone, not on the probabilities.
+pub fn after_confirmation(
+    mut mask: LabelVolume,
+    ct: &CtVolume,
+    opts: &InferOptions,
+) -> LabelVolume {
     lesions::drop_end_slice_tumours(&mut mask, opts.max_end_slice_share);
     lesions::find_missed_lesions(&mut mask, ct, opts.tumour_detect_z);
     lesions::refine_tumour_extents(&mut mask, ct, opts.tumour_refine_mm);
