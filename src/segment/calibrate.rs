@@ -271,16 +271,7 @@ mod tests {
                 }
             }
         }
-        let maps = ProbabilityMaps {
-            stride: 2,
-            scale: [1.0, 1.0],
-            x0: 0,
-            y0: 0,
-            nu,
-            nv,
-            nz,
-            probs,
-        };
+        let maps = ProbabilityMaps::stride_two(nu, nv, nz, probs);
         let opts = InferOptions::default();
         let pairs = threshold_pairs();
         let scores = score_study(ct, truth, &maps, &opts, &pairs);

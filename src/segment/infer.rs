@@ -758,6 +758,24 @@ pub fn after_confirmation(
 }
 
 #[cfg(test)]
+impl ProbabilityMaps {
+    /// Maps of nu × nv × nz nodes every 2 pixels from the study's first pixel, on its own
+    /// pixels (tests).
+    pub(crate) fn stride_two(nu: usize, nv: usize, nz: usize, probs: [Vec<f32>; 3]) -> Self {
+        ProbabilityMaps {
+            stride: 2,
+            scale: [1.0, 1.0],
+            x0: 0,
+            y0: 0,
+            nu,
+            nv,
+            nz,
+            probs,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::volume::Geometry;
@@ -770,16 +788,8 @@ mod tests {
 
     /// Stride-2 maps of nu × nv × nz nodes: tumour `p`, liver 1 − p, no background.
     fn maps(nu: usize, nv: usize, nz: usize, p: Vec<f32>) -> ProbabilityMaps {
-        ProbabilityMaps {
-            stride: 2,
-            scale: [1.0, 1.0],
-            x0: 0,
-            y0: 0,
-            nu,
-            nv,
-            nz,
-            probs: [vec![0.0; p.len()], p.iter().map(|p| 1.0 - p).collect(), p],
-        }
+        let probs = [vec![0.0; p.len()], p.iter().map(|p| 1.0 - p).collect(), p];
+        ProbabilityMaps::stride_two(nu, nv, nz, probs)
     }
 
     #[test]
