@@ -77,12 +77,15 @@ pub fn score_study(
                 opts.tumour_confirm_z,
                 opts.tumour_sure_z,
             );
-            let mut done: Vec<(Vec<bool>, Option<f64>, Vec<Exemplar>)> = Vec::new();
-            let mut out = Vec::with_capacity(group.len());
+            // The components each scored seed dropped, and where its score is in `out`.
+            let mut done: Vec<(Vec<bool>, usize)> = Vec::new();
+            let mut out: Vec<Scored> = Vec::with_capacity(group.len());
             for (&i, &seed) in group.iter().zip(&seeds) {
-                let drop = evidence.verdict(seed, opts.tumour_confirm_z, opts.tumour_sure_z);
-                if let Some((_, dice, ex)) = done.iter().find(|d| d.0 == drop) {
-                    out.push((i, *dice, ex.clone()));
+                let drop = evidence.verdict(seed);
+                if let Some(&(_, j)) = done.iter().find(|d| d.0 == drop) {
+                    let (_, dice, ex) = &out[j];
+                    let scored = (i, *dice, ex.clone());
+                    out.push(scored);
                     continue;
                 }
                 let mut mask = base.clone();
@@ -94,8 +97,8 @@ pub fn score_study(
                 let exemplars = lesions::exemplars(&pred, ct, truth);
                 let c = metrics::tumour_counts(truth, &pred);
                 let dice = (c.truth + c.pred > 0).then(|| metrics::overlap(c).0);
-                out.push((i, dice, exemplars.clone()));
-                done.push((drop, dice, exemplars));
+                done.push((drop, out.len()));
+                out.push((i, dice, exemplars));
             }
             out
         })

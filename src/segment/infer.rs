@@ -573,7 +573,7 @@ pub fn confirm_tumours(
     sure_z: f64,
 ) -> usize {
     let evidence = TumourEvidence::gather(maps, ct, mask, &[seed], confirm_z, sure_z);
-    let drop = evidence.verdict(seed, confirm_z, sure_z);
+    let drop = evidence.verdict(seed);
     evidence.apply(mask, &drop)
 }
 
@@ -585,6 +585,8 @@ pub struct TumourEvidence {
     comps: lesions::Components,
     peak: Vec<f32>,
     z: Vec<Option<f64>>,
+    confirm_z: f64,
+    sure_z: f64,
 }
 
 impl TumourEvidence {
@@ -623,14 +625,21 @@ impl TumourEvidence {
             })
         };
         let z = lesions::contrast_z(mask, ct, &comps, |l| l > 0 && asked(l));
-        TumourEvidence { comps, peak, z }
+        TumourEvidence {
+            comps,
+            peak,
+            z,
+            confirm_z,
+            sure_z,
+        }
     }
 
     /// Which components go (by label; index 0 unused) with seed threshold `seed`, one of the
     /// seeds the evidence was gathered for: a weak one stays only where the CT confirms it
     /// (none with an infinite `confirm_z`), a sure one goes only where the CT refutes it (none
     /// with `sure_z` 0).
-    pub fn verdict(&self, seed: f32, confirm_z: f64, sure_z: f64) -> Vec<bool> {
+    pub fn verdict(&self, seed: f32) -> Vec<bool> {
+        let (confirm_z, sure_z) = (self.confirm_z, self.sure_z);
         let z = |l: usize, n: f64| if n.is_finite() { self.z[l] } else { None };
         (0..=self.comps.count())
             .map(|l| {
